@@ -7,6 +7,8 @@ attribute names in :class:`~algnet_core.algblock.ALGBlock`, so checkpoints load 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,9 +31,15 @@ class GlobalBranch(nn.Module):
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (b, h*w, c); token t = i*w + j
         tokens = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             out = self.mamba(self.norm(tokens))
         return out.transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    if not torch.amp.is_autocast_available(device_type):  # e.g. "meta", used for cost counting
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class LocalBranch(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from .algblock import ALGBlock, Aggregation, Branches
+from .algblock import Aggregation, ALGBlock, Branches
 
 PRESETS: dict[str, dict] = {
     # The paper's ALGNet and ALGNet-B (Table 1), the default configuration of the authors' code.
@@ -133,7 +133,9 @@ class ALGNet(
         self.FAM2, self.FAM4, self.FAM8 = (FAM(w * 2**i) for i in (1, 2, 3))
         # After concatenating the skip: Conv1x1 (2c -> c), one per decoder level.
         self.Convs = nn.ModuleList(nn.Conv2d(w * 2 ** (4 - i), w * 2 ** (3 - i), 1) for i in range(4))
-        self.ConvsOut = nn.ModuleList(nn.Conv2d(w * 2 ** (3 - i), img_channel, 3, padding=1) for i in range(3))
+        self.ConvsOut = nn.ModuleList(
+            nn.Conv2d(w * 2 ** (3 - i), img_channel, 3, padding=1) for i in range(3)
+        )
 
     def forward(self, x: Tensor, return_all_scales: bool = False) -> Tensor | list[Tensor]:
         h, w = x.shape[-2:]
@@ -165,7 +167,10 @@ class ALGNet(
 
         if not return_all_scales:
             return outputs[-1][..., :h, :w]
-        return [out[..., : math.ceil(h / s), : math.ceil(w / s)] for out, s in zip(outputs, (8, 4, 2, 1))]
+        factors = (8, 4, 2, 1)
+        return [
+            out[..., : math.ceil(h / s), : math.ceil(w / s)] for out, s in zip(outputs, factors, strict=True)
+        ]
 
     def use_local_pooling(self, train_size: int | None = 256) -> ALGNet:
         """Test-time local mode (the authors' ``ALGNetLocal``, NAFNet's TLC), or back to global with None.
@@ -174,8 +179,8 @@ class ALGNet(
         ``train_size`` patch has at each level (384, 192, 96, 48, 24 for 256), so statistics on large test
         images match those seen in training. Returns the model.
         """
-        levels = [*(zip(self.encoders, (1, 2, 4, 8))), (self.middle_blks, 16)]
-        levels += zip(self.decoders, (8, 4, 2, 1))
+        levels = [*zip(self.encoders, (1, 2, 4, 8), strict=True), (self.middle_blks, 16)]
+        levels += zip(self.decoders, (8, 4, 2, 1), strict=True)
         for stage, factor in levels:
             for block in stage:
                 if hasattr(block, "l_layer"):

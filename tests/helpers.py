@@ -1,0 +1,25 @@
+"""Helpers shared by the tests: where the reference data is, and tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINY = dict(width=8, middle_blk_num=1, enc_blk_nums=(1, 1, 1, 1), dec_blk_nums=(1, 1, 1, 1))
+"""The configuration of the official golden vectors (635,276 parameters)."""
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter a random non-zero value (the official init zeroes the branch scales)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty(p.shape).uniform_(0.5, 16, generator=g).log())
+            elif p.dim() > 1:  # conv and linear weights: N(0, 1/sqrt(fan_in)), as the golden weights
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
