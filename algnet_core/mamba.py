@@ -57,12 +57,8 @@ class Mamba(nn.Module):
         xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         x = F.silu(self.conv1d(x)[..., :length])  # causal depthwise conv: keep the first L outputs
-        dt_low, B, C = self.x_proj(x.transpose(1, 2)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1
-        )
-        delta = F.linear(dt_low, self.dt_proj.weight).transpose(
-            1, 2
-        )  # (b, d_inner, L); bias goes to the scan
+        dt_low, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt_low, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L); bias goes to the scan
         y = selective_scan(
             x,
             delta,

@@ -14,6 +14,7 @@ Unlike the official forward, which returns the padded size, outputs are cropped 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -133,9 +134,7 @@ class ALGNet(
         self.FAM2, self.FAM4, self.FAM8 = (FAM(w * 2**i) for i in (1, 2, 3))
         # After concatenating the skip: Conv1x1 (2c -> c), one per decoder level.
         self.Convs = nn.ModuleList(nn.Conv2d(w * 2 ** (4 - i), w * 2 ** (3 - i), 1) for i in range(4))
-        self.ConvsOut = nn.ModuleList(
-            nn.Conv2d(w * 2 ** (3 - i), img_channel, 3, padding=1) for i in range(3)
-        )
+        self.ConvsOut = nn.ModuleList(nn.Conv2d(w * 2 ** (3 - i), img_channel, 3, padding=1) for i in range(3))
 
     def forward(self, x: Tensor, return_all_scales: bool = False) -> Tensor | list[Tensor]:
         h, w = x.shape[-2:]
@@ -168,9 +167,20 @@ class ALGNet(
         if not return_all_scales:
             return outputs[-1][..., :h, :w]
         factors = (8, 4, 2, 1)
-        return [
-            out[..., : math.ceil(h / s), : math.ceil(w / s)] for out, s in zip(outputs, factors, strict=True)
-        ]
+        return [out[..., : math.ceil(h / s), : math.ceil(w / s)] for out, s in zip(outputs, factors, strict=True)]
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs
+    ) -> ALGNet:
+        """Load strictly from a folder, a registered name (``"motion"``) or a Hub repo id.
+
+        Delegates to :func:`algnet_core.hub.from_pretrained`, the one registry and loader; ``hub_kwargs``
+        (``cache_dir``, ``token``, ``local_files_only``) go to ``hf_hub_download``.
+        """
+        from .hub import from_pretrained
+
+        return from_pretrained(pretrained_model_name_or_path, revision=revision, **hub_kwargs)
 
     def use_local_pooling(self, train_size: int | None = 256) -> ALGNet:
         """Test-time local mode (the authors' ``ALGNetLocal``, NAFNet's TLC), or back to global with None.

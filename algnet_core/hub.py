@@ -1,0 +1,349 @@
+"""Where weights come from: one registry of short names, Hub download, offline fall-back, strict loading.
+
+A model is a ``config.json`` (the :class:`~algnet_core.model.ALGNet` constructor arguments) plus a
+``model.safetensors`` state dict: the ``save_pretrained`` layout of ``huggingface_hub``. ``name_or_path`` is
+resolved in this order:
+
+1. an existing local folder (``source="local"``);
+2. a registered short name (:data:`REGISTRY`): its Hub repo at the pinned revision, from the Hub when it
+   can be reached (``"hub"``), else from the Hugging Face cache (``"cache"``), else the default bundled in
+   the wheel (``"bundled"``), with one log line saying which;
+3. anything else is a Hub repo id: the Hub or the cache, and a clear :class:`WeightsError` when neither
+   has it.
+
+Bundled weights live in ``algnet_core/weights/`` as ``<bundled>.safetensors`` (float16 storage, loaded as
+float32) and ``<bundled>.json``. Until trained files are dropped in under those names, a registered name
+uses the untrained placeholder (:data:`PLACEHOLDER`), which returns its input unchanged and says so.
+Every load is strict: missing, unexpected or mis-shaped tensors raise, naming the files.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import safetensors
+import safetensors.torch
+import torch
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .model import PRESETS, ALGNet
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+PLACEHOLDER = "untrained-placeholder"
+"""Stem of the bundled untrained weights: a registered name uses them until its own bundled file exists."""
+DESCRIPTION_KEY = "algnet.description"
+"""safetensors metadata key with a one-line description of bundled weights (shown in the log line)."""
+TRAINED_KEY = "algnet.trained"
+"""safetensors metadata key, ``"true"`` or ``"false"``: whether bundled weights were trained."""
+HUB_PROBE_TIMEOUT_S = 2.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found or do not form a valid ALGNet; the message names the file or repo."""
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A short name: Hub repo and pinned revision, the preset it must be, and its bundled file stem."""
+
+    repo_id: str
+    revision: str
+    preset: str
+    bundled: str | None
+    summary: str
+
+
+REGISTRY: dict[str, RegisteredModel] = {
+    "motion": RegisteredModel("algnet/ALGNet-S-motion", "main", "ALGNet-S", "motion", "motion blur, compact"),
+    "defocus": RegisteredModel("algnet/ALGNet-S-defocus", "main", "ALGNet-S", "defocus", "defocus blur, compact"),
+    "motion-algnet": RegisteredModel(
+        "algnet/ALGNet-GoPro", "main", "ALGNet", None, "motion blur, the paper's ALGNet (GoPro)"
+    ),
+    "motion-b": RegisteredModel(
+        "algnet/ALGNet-B-GoPro", "main", "ALGNet-B", None, "motion blur, the paper's ALGNet-B (GoPro)"
+    ),
+}
+
+
+def list_models() -> list[str]:
+    """The registered short names, e.g. ``["motion", "defocus", ...]``."""
+    return list(REGISTRY)
+
+
+def bundled_files(stem: str) -> tuple[Path, Path]:
+    """(config, weights) paths of the bundled weights named ``stem``, or of the placeholder when absent."""
+    weights = WEIGHTS_DIR / f"{stem}.safetensors"
+    if not weights.is_file():
+        weights = WEIGHTS_DIR / f"{PLACEHOLDER}.safetensors"
+    return weights.with_suffix(".json"), weights
+
+
+def save_bundled(model: ALGNet, stem: str, description: str, trained: bool) -> Path:
+    """Write ``model`` as bundled weights ``weights/<stem>.safetensors`` (float16) + ``<stem>.json``.
+
+    ``description`` and ``trained`` go into the safetensors metadata and appear in the load log line.
+    Returns the weights path.
+    """
+    WEIGHTS_DIR.mkdir(exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    weights = WEIGHTS_DIR / f"{stem}.safetensors"
+    metadata = {"format": "pt", DESCRIPTION_KEY: description, TRAINED_KEY: str(trained).lower()}
+    safetensors.torch.save_file(state, weights, metadata=metadata)
+    weights.with_suffix(".json").write_text(json.dumps(model._hub_mixin_config, indent=2) + "\n")
+    return weights
+
+
+def build_model(config_path: Path, weights_path: Path) -> ALGNet:
+    """An ALGNet (float32, CPU, eval mode) from a config json and a safetensors file, loaded strictly."""
+    if not config_path.is_file():
+        raise WeightsError(f"missing model config: {config_path}")
+    if not weights_path.is_file():
+        raise WeightsError(f"missing weights file: {weights_path}")
+    try:
+        config = json.loads(config_path.read_text())
+        model = ALGNet(**config)
+    except (ValueError, TypeError) as err:
+        raise WeightsError(f"{config_path} is not a valid ALGNet config: {err}") from err
+    try:
+        state = safetensors.torch.load_file(weights_path)
+    except (safetensors.SafetensorError, OSError) as err:
+        raise WeightsError(
+            f"{weights_path} is not a readable safetensors file (corrupted or truncated?): {err}"
+        ) from err
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"{weights_path} does not match the model described by {config_path}: {err}") from err
+    return model.eval()
+
+
+def preset_of(config: dict) -> str | None:
+    """The name of the :data:`PRESETS` entry that ``config`` (ALGNet constructor kwargs) is, else None."""
+    defaults = {"img_channel": 3, "branches": "both", "aggregation": "fa"}
+    norm = {k: list(v) if isinstance(v, list | tuple) else v for k, v in {**defaults, **config}.items()}
+    for name, preset in PRESETS.items():
+        want = {k: list(v) if isinstance(v, list | tuple) else v for k, v in {**defaults, **preset}.items()}
+        if norm == want:
+            return name
+    return None
+
+
+def _metadata(weights_path: Path) -> dict[str, str]:
+    with safetensors.safe_open(weights_path, framework="pt") as f:
+        return f.metadata() or {}
+
+
+def _offline() -> bool:
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_endpoint() -> str:
+    """The Hub URL: ``$HF_ENDPOINT`` as set now (``huggingface_hub`` reads it once, at import)."""
+    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+
+
+def hub_reachable() -> bool:
+    """Whether the Hub endpoint accepts a TCP connection within a short timeout (and not offline)."""
+    if _offline():
+        return False
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True  # only the Hub client, through the proxy, can tell
+    url = urlsplit(hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _download(repo_id: str, revision: str | None, local_only: bool, **hub_kwargs) -> tuple[Path, Path]:
+    """(config, weights) of a Hub repo via the Hub client; ``local_only`` reads only the cache."""
+    paths = []
+    for filename in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            path = hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                local_files_only=local_only,
+                endpoint=hub_endpoint(),
+                **hub_kwargs,
+            )
+        except RepositoryNotFoundError as err:
+            raise WeightsError(
+                f"{repo_id!r} is not a local folder, a registered name ({', '.join(REGISTRY)}) "
+                "or a model repository on the Hub"
+            ) from err
+        except RevisionNotFoundError as err:
+            raise WeightsError(f"the Hub repository {repo_id!r} has no revision {revision!r}") from err
+        except LocalEntryNotFoundError as err:
+            where = "the Hub cannot be reached" if local_only else "it could not be downloaded"
+            raise WeightsError(f"{repo_id}/{filename} is not in the Hugging Face cache and {where}") from err
+        except EntryNotFoundError as err:
+            raise WeightsError(f"the Hub repository {repo_id!r} has no file {filename}") from err
+        paths.append(Path(path))
+    return paths[0], paths[1]
+
+
+def _describe(provenance: dict) -> str:
+    text = f"{provenance['model_id']}"
+    if provenance.get("revision"):
+        text += f"@{provenance['revision']}"
+    return f"{text} ({provenance['source']}: {provenance['path']})"
+
+
+def resolve_files(name_or_path: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> tuple:
+    """Find the (config, weights) files for a folder, registered name or Hub repo id, plus provenance.
+
+    ``hub_kwargs`` (``cache_dir``, ``token``, ``local_files_only``) go to ``hf_hub_download``.
+    """
+    text = os.fspath(name_or_path)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        provenance = {"model_id": str(folder), "revision": None, "source": "local", "path": str(folder)}
+        return folder / CONFIG_NAME, folder / WEIGHTS_NAME, provenance
+    entry = REGISTRY.get(text)
+    repo_id = entry.repo_id if entry else text
+    if entry and revision is None:
+        revision = entry.revision
+    local_only = bool(hub_kwargs.pop("local_files_only", False))
+    online = not local_only and hub_reachable()
+    source = "hub" if online else "cache"
+    try:
+        config, weights = _download(repo_id, revision, local_only=not online, **hub_kwargs)
+    except HFValidationError as err:
+        raise WeightsError(
+            f"{text!r} is not a local folder, a registered name ({', '.join(REGISTRY)}) or a valid Hub repo id"
+        ) from err
+    except WeightsError as err:
+        if entry is None or entry.bundled is None:
+            raise
+        config, weights = bundled_files(entry.bundled)
+        source, revision = "bundled", None
+        log.debug("%s: no Hub copy (%s)", text, err)
+    provenance = {"model_id": text if entry else repo_id, "revision": revision, "source": source}
+    provenance["path"] = str(weights)
+    return config, weights, provenance
+
+
+def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> ALGNet:
+    """Load an ALGNet (CPU, float32, eval) from a folder, registered name or Hub repo id, strictly.
+
+    The result has ``provenance``: ``model_id``, ``revision``, ``source`` (``hub``, ``cache``, ``bundled``
+    or ``local``), ``path`` and ``description``. One log line says which weights were used.
+    """
+    config, weights, provenance = resolve_files(name_or_path, revision, **hub_kwargs)
+    model = build_model(config, weights)
+    entry = REGISTRY.get(os.fspath(name_or_path))
+    if entry is not None and preset_of(model._hub_mixin_config) != entry.preset:
+        raise WeightsError(f"{config} is not the {entry.preset} preset that {name_or_path!r} promises")
+    metadata = _metadata(weights) if provenance["source"] == "bundled" else {}
+    provenance["description"] = metadata.get(DESCRIPTION_KEY, "")
+    provenance["trained"] = metadata.get(TRAINED_KEY, "true") == "true"
+    model.provenance = provenance
+    if not provenance["trained"]:
+        log.warning(
+            "algnet: using UNTRAINED placeholder weights for %s - output is NOT deblurred (%s)",
+            _describe(provenance),
+            provenance["description"],
+        )
+    elif provenance["source"] == "bundled":
+        log.warning("algnet: Hub copy not available, using bundled weights %s", _describe(provenance))
+    else:
+        log.info("algnet: using weights %s", _describe(provenance))
+    return model
+
+
+def load_model(model: str | os.PathLike | ALGNet = "motion", device: str | torch.device = "auto") -> ALGNet:
+    """An eval-mode ALGNet on ``device`` from a registered name, folder, Hub repo id or instance.
+
+    An instance stays on its device when ``device="auto"`` and is moved otherwise; it gets a provenance
+    with ``source="instance"`` if it has none.
+    """
+    from .inference import resolve_device
+
+    if isinstance(model, ALGNet):
+        if not hasattr(model, "provenance"):
+            model.provenance = {"model_id": "ALGNet instance", "revision": None, "source": "instance"}
+        return model.eval() if str(device) == "auto" else model.eval().to(resolve_device(device))
+    return from_pretrained(model).to(resolve_device(device))
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+@functools.cache
+def _preset_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return _shapes(ALGNet(**PRESETS[name]).state_dict())
+
+
+def detect_preset(state: dict[str, torch.Tensor]) -> str | None:
+    """The :data:`PRESETS` entry whose tensors (names and shapes) are exactly ``state``'s, else None."""
+    wanted = _shapes(state)
+    return next((name for name in PRESETS if _preset_shapes(name) == wanted), None)
+
+
+def unwrap_checkpoint(checkpoint: object) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: unwraps ``params``/``params_ema``/``state_dict``/``model`` and
+    strips a ``module.`` (DataParallel) prefix. Raises :class:`WeightsError` when there is none."""
+    while isinstance(checkpoint, dict) and not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        key = next((k for k in ("params", "params_ema", "state_dict", "model") if k in checkpoint), None)
+        if key is None:
+            raise WeightsError(f"no state dict in the checkpoint; its top-level keys are {list(checkpoint)[:10]}")
+        checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise WeightsError(f"the checkpoint holds a {type(checkpoint).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> str:
+    """Convert an official ``.pth`` checkpoint into a ``save_pretrained`` folder; returns the preset name.
+
+    Loads with ``torch.load(weights_only=True)``, detects the preset from the tensors and loads strictly.
+    """
+    path, out = Path(checkpoint), Path(out_dir)
+    if (out / WEIGHTS_NAME).exists() and not overwrite:
+        raise FileExistsError(f"{out / WEIGHTS_NAME} exists; choose a new folder (or allow overwriting)")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise WeightsError(f"{path} cannot be read as a PyTorch checkpoint (weights only): {err}") from err
+    try:
+        state = unwrap_checkpoint(loaded)
+    except WeightsError as err:
+        raise WeightsError(f"{path}: {err}") from err
+    preset = detect_preset(state)
+    if preset is None:
+        width = tuple(state["intro.weight"].shape) if "intro.weight" in state else "no 'intro.weight'"
+        raise WeightsError(
+            f"{path} is not a checkpoint of a known ALGNet configuration ({len(state)} tensors, intro conv "
+            f"{width}); known: {', '.join(PRESETS)}"
+        )
+    model = ALGNet(**PRESETS[preset])
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.save_pretrained(out)
+    return preset

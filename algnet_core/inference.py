@@ -1,0 +1,366 @@
+"""One call to deblur any image: :func:`deblur` (numpy, torch, dask) and the tiled engine :func:`deblur_tensor`.
+
+Tiling: the image is cut into ``tile`` x ``tile`` tiles that overlap by ``overlap`` pixels; each output
+pixel is the weighted mean of the tiles that cover it, with weights that rise along a raised cosine over
+the overlap (and stay 1 at the image border), so tile borders leave no seam. Tiles go through the network
+several at a time; the network's memory depends on the tile size only. ``tile="auto"`` picks the largest
+multiple of 16 whose estimated working memory fits in half the free memory of the device (capped at
+:data:`CPU_MEMORY_BUDGET` on the CPU), between :data:`MIN_AUTO_TILE` and :data:`MAX_AUTO_TILE`.
+
+Normalisation (explicit and invertible): ``uint8`` is divided by 255 and ``uint16`` by 65535, and the
+result is multiplied back and rounded. Float images already within [0, 1] are used as they are; any other
+float image is mapped linearly from [min, max] of the whole image to [0, 1] and back. The network output
+is clipped to [0, 1] before mapping back, so the result keeps the input's dtype and value range. The
+network computes in float32 (or under float16/bfloat16 autocast). For a dask float array, min and max are
+computed once, eagerly, over the whole array, so that every chunk shares one mapping.
+
+Channels (last axis): HxW and HxWx1 run through the RGB network as grey RGB and come back as the channel
+mean; HxWx3 is RGB; HxWx4 is RGB plus an alpha channel returned untouched; any other channel count is
+deblurred channel by channel, each as grey RGB. The input is never modified (a big-endian array comes
+back in native byte order).
+
+Rejected with ``ValueError``: empty images, images smaller than 16x16 (one network tile), NaN or Inf
+values, more than three dimensions. Unsupported dtypes (bool, signed integers) raise ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .hub import load_model
+from .model import MULTIPLE, ALGNet
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+DEFAULT_OVERLAP = 32
+MIN_AUTO_TILE = 128
+MAX_AUTO_TILE = 1024
+CPU_MEMORY_BUDGET = 3 << 29
+"""At most this many bytes (1.5 GiB) of network working memory on the CPU, so peak RSS stays < 3 GiB."""
+BYTES_PER_PIXEL_PER_WIDTH = 192
+"""Peak float32 working memory of an ALGNet forward per input pixel and unit of ``width`` (measured:
+ALGNet-S, width 16, a 512x512 tile: 782 MiB above the loaded model, 3.1 KB per pixel)."""
+MAX_TILES_PER_BATCH = 8
+
+
+class DeblurCancelled(RuntimeError):
+    """Raised by :func:`deblur` when its ``cancel()`` callback returned True; no partial result exists."""
+
+
+def available_devices() -> list[str]:
+    """Devices this machine can run on, fastest first, e.g. ``["cuda", "cpu"]``."""
+    devices = []
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return [*devices, "cpu"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA, then MPS, then CPU; any other name must be available here."""
+    if str(device) == "auto":
+        return torch.device(available_devices()[0])
+    dev = torch.device(device)
+    if dev.type not in available_devices():
+        raise RuntimeError(f"device {str(device)!r} is not available here; available: {available_devices()}")
+    return dev
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes of memory free on ``device`` now (CUDA: the driver's figure; CPU: available RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def choose_tile(width: int, device: torch.device) -> int:
+    """The ``tile="auto"`` size for a model of ``width`` on ``device`` (see the module docs)."""
+    budget = free_memory(device) // 2
+    if device.type == "cpu":
+        budget = min(budget, CPU_MEMORY_BUDGET)
+    side = math.isqrt(max(budget // (BYTES_PER_PIXEL_PER_WIDTH * width), 1))
+    return max(MIN_AUTO_TILE, min(MAX_AUTO_TILE, side // MULTIPLE * MULTIPLE))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(name: str, device: str) -> ALGNet:
+    return load_model(name, device)
+
+
+def _resolve_model(model: str | os.PathLike | ALGNet, device: str | torch.device) -> ALGNet:
+    if isinstance(model, ALGNet):
+        return load_model(model, device)
+    return _cached_model(os.fspath(model), str(resolve_device(device)))
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    choices = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if precision not in choices:
+        raise ValueError(f"precision must be 'auto' or one of {list(choices)}, got {precision!r}")
+    return choices[precision]
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    return [*range(0, length - tile, tile - overlap), length - tile]
+
+
+def _window(size: int, start: int, length: int, overlap: int) -> Tensor:
+    """1-D blending weights of a tile: a raised-cosine ramp over the overlap on sides inside the image."""
+    weights = torch.ones(size)
+    ramp_len = min(overlap, size // 2)
+    if ramp_len > 0:
+        ramp = 0.5 - 0.5 * torch.cos(torch.pi * (torch.arange(ramp_len) + 0.5) / ramp_len)
+        if start > 0:
+            weights[:ramp_len] = ramp
+        if start + size < length:
+            weights[size - ramp_len :] = ramp.flip(0)
+    return weights
+
+
+def _tiled_one(
+    net: ALGNet,
+    image: Tensor,
+    tile: int,
+    overlap: int,
+    per_batch: int,
+    amp: torch.dtype | None,
+    step: Callable[[], None],
+    cancel: CancelFn | None,
+) -> Tensor:
+    """Restore one (C, H, W) float32 image by blended overlapping tiles."""
+    device = next(net.parameters()).device
+    _, h, w = image.shape
+    th, tw = min(tile, h), min(tile, w)
+    boxes = [(y, x) for y in _tile_starts(h, th, overlap) for x in _tile_starts(w, tw, overlap)]
+    out = torch.zeros_like(image)
+    norm = torch.zeros((1, h, w), dtype=image.dtype, device=image.device)
+    for i in range(0, len(boxes), per_batch):
+        if cancel is not None and cancel():
+            raise DeblurCancelled("deblur was cancelled")
+        group = boxes[i : i + per_batch]
+        crops = torch.stack([image[:, y : y + th, x : x + tw] for y, x in group]).to(device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            restored = net(crops).float().to(image.device)
+        for (y, x), res in zip(group, restored, strict=True):
+            weight = torch.outer(_window(th, y, h, overlap), _window(tw, x, w, overlap)).to(image.device)
+            out[:, y : y + th, x : x + tw] += res * weight
+            norm[:, y : y + th, x : x + tw] += weight
+            step()
+    return out / norm
+
+
+def _count_tiles(h: int, w: int, tile: int, overlap: int) -> int:
+    th, tw = min(tile, h), min(tile, w)
+    return len(_tile_starts(h, th, overlap)) * len(_tile_starts(w, tw, overlap))
+
+
+def _check_tensor(batch: Tensor, channels: int) -> None:
+    if batch.ndim != 4 or batch.shape[1] != channels:
+        raise ValueError(f"expected a (B, {channels}, H, W) batch, got shape {tuple(batch.shape)}")
+    if batch.numel() == 0:
+        raise ValueError(f"the image is empty (shape {tuple(batch.shape)})")
+    if min(batch.shape[-2:]) < MULTIPLE:
+        h, w = batch.shape[-2:]
+        raise ValueError(f"the image is {h}x{w} pixels; ALGNet needs at least {MULTIPLE}x{MULTIPLE}")
+    bad = (~torch.isfinite(batch)).sum().item()
+    if bad:
+        raise ValueError(f"the image has {bad} NaN or Inf values; replace them first (e.g. np.nan_to_num)")
+
+
+def deblur_tensor(
+    batch: Tensor,
+    model: str | os.PathLike | ALGNet = "motion",
+    tile: int | str | None = "auto",
+    overlap: int = DEFAULT_OVERLAP,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+) -> Tensor:
+    """The tiled engine: a (B, C, H, W) float batch in 0..1 -> its restoration, same shape/dtype/device.
+
+    ``tile=None`` runs whole images; ``tile="auto"`` uses :func:`choose_tile`. On CUDA out-of-memory the
+    tile is halved (one tile per batch from then on) and the image restarted; ``progress`` then counts the
+    new tiles.
+    """
+    net = _resolve_model(model, device)
+    dev = next(net.parameters()).device
+    _check_tensor(batch, net._hub_mixin_config.get("img_channel", 3))
+    h, w = batch.shape[-2:]
+    auto_tile = choose_tile(net._hub_mixin_config["width"], dev)
+    size = auto_tile if tile == "auto" else max(h, w) if tile is None else int(tile)
+    if size < max(h, w) and size < 2 * overlap + MULTIPLE:
+        raise ValueError(f"tile {size} is too small for overlap {overlap}: need at least {2 * overlap + MULTIPLE}")
+    amp = _autocast_dtype(precision, dev)
+    images = batch.float()
+    max_batch = MAX_TILES_PER_BATCH
+    while True:
+        total = len(images) * _count_tiles(h, w, size, overlap)
+        per_batch = max(1, min(max_batch, auto_tile**2 // (min(size, h) * min(size, w))))
+        log.info("algnet: %dx%d image(s), tile %d, overlap %d, %d tile(s) on %s", h, w, size, overlap, total, dev)
+        done = 0
+
+        def step(total: int = total) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        try:
+            with torch.inference_mode():
+                out = [_tiled_one(net, img, size, overlap, per_batch, amp, step, cancel) for img in images]
+            return torch.stack(out).to(batch.dtype)
+        except torch.OutOfMemoryError:
+            if size // 2 < 2 * overlap + MULTIPLE:
+                raise
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            size, max_batch = size // 2, 1
+            log.warning("algnet: out of GPU memory, retrying with tile %d", size)
+
+
+def _value_range(data: Any, dtype: np.dtype) -> tuple[float, float]:
+    """The (low, high) values that map to 0 and 1: see the module docs."""
+    if dtype == np.uint8:
+        return 0.0, 255.0
+    if dtype == np.uint16:
+        return 0.0, 65535.0
+    lo, hi = float(data.min()), float(data.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("the image has NaN or Inf values; replace them first (e.g. np.nan_to_num)")
+    if lo >= 0.0 and hi <= 1.0:
+        return 0.0, 1.0
+    return lo, hi
+
+
+def _numpy_dtype(image: np.ndarray | Tensor) -> np.dtype:
+    if isinstance(image, Tensor):
+        if image.dtype == torch.uint16:
+            return np.dtype(np.uint16)
+        return torch.empty(0, dtype=image.dtype).numpy().dtype
+    return image.dtype.newbyteorder("=")
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    if dtype not in (np.uint8, np.uint16) and dtype.kind != "f":
+        raise TypeError(f"unsupported image dtype {dtype}: use uint8, uint16, float32 or float64")
+
+
+def _deblur_array(
+    image: np.ndarray | Tensor,
+    net: ALGNet,
+    tile: int | str | None,
+    overlap: int,
+    precision: str,
+    progress: ProgressFn | None,
+    cancel: CancelFn | None,
+    value_range: tuple[float, float] | None = None,
+) -> np.ndarray | Tensor:
+    dtype = _numpy_dtype(image)
+    _check_dtype(dtype)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"expected an HxW or HxWxC image, got shape {tuple(image.shape)}")
+    if image.size == 0 if isinstance(image, np.ndarray) else image.numel() == 0:
+        raise ValueError(f"the image is empty (shape {tuple(image.shape)})")
+    # A native-byte-order copy of a numpy image (never a view: the input may be read-only or big-endian).
+    original = image.detach() if isinstance(image, Tensor) else torch.from_numpy(np.array(image, dtype=dtype))
+    planes = original if original.ndim == 3 else original[..., None]
+    channels = planes.shape[-1]
+    color = (planes[..., :3] if channels in (3, 4) else planes).to("cpu")
+    if color.is_floating_point() and not bool(torch.isfinite(color).all()):
+        bad = (~torch.isfinite(color)).sum().item()
+        raise ValueError(f"the image has {bad} NaN or Inf values; replace them first (e.g. np.nan_to_num)")
+    lo, hi = value_range or _value_range(color, dtype)
+    norm = ((color.float() - lo) / ((hi - lo) or 1.0)).permute(2, 0, 1)  # (c, h, w)
+    batch = norm[None] if channels in (3, 4) else norm[:, None].expand(-1, 3, -1, -1)
+    restored = deblur_tensor(batch, net, tile, overlap, progress, cancel, precision=precision).clamp_(0, 1)
+    result = restored[0] if channels in (3, 4) else restored.mean(dim=1)  # (c, h, w)
+    out_type = torch.float64 if dtype == np.float64 else torch.float32
+    result = (result.permute(1, 2, 0).to(out_type) * ((hi - lo) or 1.0) + lo).clamp_(lo, hi)
+    if dtype.kind != "f":
+        result = result.round()
+    result = result.to(torch.uint16 if dtype == np.uint16 else original.dtype)
+    if channels == 4:
+        result = torch.cat([result, planes[..., 3:].to("cpu")], dim=-1)
+    result = result.reshape(image.shape)
+    return result.to(image.device) if isinstance(image, Tensor) else result.numpy()
+
+
+def _deblur_dask(image: Any, net: ALGNet, tile: int | str | None, overlap: int, precision: str, cancel: Any) -> Any:
+    import dask
+
+    dtype = np.dtype(image.dtype).newbyteorder("=")
+    _check_dtype(dtype)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"expected an HxW or HxWxC image, got shape {tuple(image.shape)}")
+    if image.ndim == 3:
+        image = image.rechunk({2: -1})
+    value_range = None
+    if dtype.kind == "f":
+        colour = image[..., :3] if image.ndim == 3 and image.shape[2] in (3, 4) else image
+        lo, hi = dask.compute(colour.min(), colour.max())
+        value_range = _value_range(np.array([lo, hi]), dtype)
+    depth = {0: overlap, 1: overlap, 2: 0} if image.ndim == 3 else {0: overlap, 1: overlap}
+    return image.map_overlap(
+        _deblur_array,
+        depth=depth,
+        boundary="none",
+        dtype=dtype,
+        meta=np.empty((0,) * image.ndim, dtype),
+        net=net,
+        tile=tile,
+        overlap=overlap,
+        precision=precision,
+        progress=None,
+        cancel=cancel,
+        value_range=value_range,
+    )
+
+
+def deblur(
+    image: Any,
+    model: str | os.PathLike | ALGNet = "motion",
+    tile: int | str | None = "auto",
+    overlap: int = DEFAULT_OVERLAP,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> Any:
+    """Deblur ``image`` and return the result with the same shape, dtype and value range.
+
+    ``image``: numpy array or torch tensor, HxW or HxWxC, uint8/uint16/float (see the module docs for the
+    normalisation and channel rules), or a dask array (returns a lazy dask array, computed chunk by chunk
+    with ``map_overlap``; ``progress`` is not called for dask, ``cancel`` is checked in every chunk).
+    ``model``: a registered name, a ``save_pretrained`` folder, a Hub repo id or an ALGNet instance (moved
+    to ``device`` unless that is ``"auto"``). ``tile``: pixels per tile side, ``"auto"`` or None (whole
+    image). ``precision``: ``"auto"`` (float16 autocast on CUDA, float32 elsewhere), ``"float32"``,
+    ``"float16"`` or ``"bfloat16"``. ``progress(done, total)`` is called after each tile; ``cancel()``
+    returning True raises :class:`DeblurCancelled`.
+    """
+    net = _resolve_model(model, device)
+    if type(image).__module__.startswith("dask"):
+        return _deblur_dask(image, net, tile, overlap, precision, cancel)
+    return _deblur_array(image, net, tile, overlap, precision, progress, cancel)

@@ -1,0 +1,65 @@
+"""Inference benchmark: seconds and peak RSS to deblur a 1280x720 RGB image on this machine's CPU.
+
+Each configuration (untiled, and one row per tile size) runs in a fresh subprocess, so its peak resident
+memory (``ru_maxrss``) is its own. The model is ALGNet-S (the bundled default's architecture) with its
+bundled weights; speed and memory do not depend on the weight values.
+
+    python bench/inference.py            # 1280x720: untiled, tiles 256, 512 and auto
+    python bench/inference.py --quick    # 640x360: tile 256 and auto only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def run_one(height: int, width: int, tile: str, threads: int) -> dict:
+    """Deblur one random image in this process; returns seconds, peak RSS and the tile used."""
+    import numpy as np
+    import torch
+
+    from algnet_core.inference import choose_tile, deblur, load_model
+
+    torch.set_num_threads(threads)
+    model = load_model("motion", "cpu")
+    size = None if tile == "none" else "auto" if tile == "auto" else int(tile)
+    image = np.random.default_rng(0).random((height, width, 3), dtype=np.float32)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    deblur(image, model, tile=size, device="cpu")
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    used = choose_tile(model._hub_mixin_config["width"], torch.device("cpu")) if tile == "auto" else tile
+    return {"tile": str(used), "seconds": seconds, "peak_rss_mib": peak / 1024, "before_mib": base / 1024}
+
+
+def main() -> None:
+    """Print a table: one row per configuration, each measured in its own subprocess."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="640x360, tile 256 and auto only")
+    parser.add_argument("--tiles", nargs="*", help="tile sizes to run ('none' = untiled, 'auto')")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", nargs=3, metavar=("H", "W", "TILE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        h, w, tile = args.child
+        print(json.dumps(run_one(int(h), int(w), tile, args.threads)))
+        return
+    height, width = (360, 640) if args.quick else (720, 1280)
+    tiles = args.tiles or (["256", "auto"] if args.quick else ["none", "256", "512", "auto"])
+    print(f"{height}x{width} RGB, ALGNet-S, CPU, {args.threads} threads")
+    print(f"{'tile':>10} {'seconds':>9} {'peak RSS MiB':>13} {'after load MiB':>15}")
+    for tile in tiles:
+        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", str(height), str(width), tile]
+        row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        label = "untiled" if tile == "none" else f"{row['tile']}{' (auto)' if tile == 'auto' else ''}"
+        print(f"{label:>10} {row['seconds']:9.1f} {row['peak_rss_mib']:13.0f} {row['before_mib']:15.0f}")
+
+
+if __name__ == "__main__":
+    main()

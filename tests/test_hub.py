@@ -1,0 +1,264 @@
+"""Weights: save/load round trips, the registry's offline fall-backs, every bad-weights error, convert.
+
+Nothing here touches the network: local folders, a cache filled by the real ``huggingface_hub`` client
+from a loopback HTTP stand-in of the Hub (127.0.0.1), and ``HF_HUB_OFFLINE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import safetensors
+import torch
+from huggingface_hub import constants
+
+from algnet_core import hub
+from algnet_core.hub import WeightsError, from_pretrained, load_model
+from algnet_core.model import PRESETS, ALGNet
+
+TINY = dict(width=8, middle_blk_num=1, enc_blk_nums=(1, 1, 1, 1), dec_blk_nums=(1, 1, 1, 1))
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ALGNet:
+    torch.manual_seed(0)
+    return ALGNet(**TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    return torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def saved(tiny: ALGNet, tmp_path: Path) -> Path:
+    tiny.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+@pytest.fixture
+def hub_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache, online mode, and no real Hub: the endpoint is a closed local port."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    return tmp_path / "hf-cache"
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """Serves ``/{repo_id}/resolve/{revision}/{file}`` from ``self.server.repos`` like the Hub does."""
+
+    def _file(self) -> bytes | None:
+        parts = self.path.lstrip("/").split("/")
+        repo, files = "/".join(parts[:2]), self.server.repos.get("/".join(parts[:2]))
+        if parts[2:3] != ["resolve"] or files is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.end_headers()
+            return None
+        data = files.get("/".join(parts[4:]))
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.end_headers()
+            return None
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(repo.encode() + data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        return data
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        self._file()
+
+    def do_GET(self) -> None:  # noqa: N802
+        data = self._file()
+        if data is not None:
+            self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_hub(hub_env: Path, saved: Path, monkeypatch: pytest.MonkeyPatch):
+    """A loopback Hub with repo ``test/tiny`` (a save_pretrained folder) and ``test/no-weights``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    files = {name: (saved / name).read_bytes() for name in (hub.CONFIG_NAME, hub.WEIGHTS_NAME)}
+    server.repos = {"test/tiny": files, "test/no-weights": {hub.CONFIG_NAME: files[hub.CONFIG_NAME]}}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_save_pretrained_round_trip_gives_identical_outputs(tiny, saved, image) -> None:
+    loaded = ALGNet.from_pretrained(saved)
+    assert loaded.provenance["source"] == "local"
+    with torch.inference_mode():
+        assert torch.equal(loaded(image), tiny(image))
+
+
+def test_hub_download_then_cache_when_offline(tiny, fake_hub, hub_env, image, monkeypatch) -> None:
+    online = ALGNet.from_pretrained("test/tiny")
+    assert online.provenance["source"] == "hub"
+    assert Path(online.provenance["path"]).is_relative_to(hub_env)
+    go_offline(monkeypatch)
+    cached = load_model("test/tiny", "cpu")
+    assert cached.provenance["source"] == "cache"
+    with torch.inference_mode():
+        assert torch.equal(cached(image), tiny(image))
+
+
+def test_registered_name_checks_its_preset_and_falls_back_to_bundled(fake_hub, monkeypatch, caplog) -> None:
+    entry = hub.RegisteredModel("test/tiny", "main", "ALGNet-S", "motion", "test")
+    monkeypatch.setitem(hub.REGISTRY, "tiny-name", entry)
+    with pytest.raises(WeightsError, match="not the ALGNet-S preset"):
+        from_pretrained("tiny-name")  # the tiny repo is not the preset the name promises
+    monkeypatch.setitem(hub.REGISTRY, "tiny-name", hub.RegisteredModel("test/absent", "main", "ALGNet-S", "motion", ""))
+    with caplog.at_level(logging.INFO, logger="algnet_core.hub"):
+        model = from_pretrained("tiny-name")
+    assert model.provenance["source"] == "bundled"
+    assert len(caplog.records) == 1 and "UNTRAINED placeholder" in caplog.records[0].getMessage()
+
+
+def test_motion_offline_falls_back_to_the_bundled_placeholder(hub_env, monkeypatch, caplog) -> None:
+    go_offline(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="algnet_core.hub"):
+        model = load_model("motion", "cpu")
+    assert model.provenance["source"] == "bundled" and model.provenance["trained"] is False
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "UNTRAINED placeholder" in caplog.records[0].getMessage()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(x), x)  # the placeholder returns its input: it claims no deblurring
+
+
+def test_prefilled_cache_is_used_without_network(saved, hub_env, monkeypatch) -> None:
+    snapshot = hub_env / "models--algnet--ALGNet-S-motion" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    config = ALGNet(**PRESETS["ALGNet-S"])
+    config.save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(COMMIT)
+    model = load_model("motion", "cpu")  # the endpoint is a closed port: Hub unreachable
+    assert model.provenance["source"] == "cache"
+    assert model.provenance["path"] == str(snapshot / hub.WEIGHTS_NAME)
+
+
+def test_bundled_placeholder_is_small_labelled_and_alg_net_s() -> None:
+    config, weights = hub.bundled_files("motion")
+    assert weights.name == f"{hub.PLACEHOLDER}.safetensors" or weights.name == "motion.safetensors"
+    assert weights.stat().st_size < 25e6
+    placeholder = hub.WEIGHTS_DIR / f"{hub.PLACEHOLDER}.safetensors"
+    with safetensors.safe_open(placeholder, framework="pt") as f:
+        assert f.metadata()[hub.TRAINED_KEY] == "false"
+        assert "untrained placeholder" in f.metadata()[hub.DESCRIPTION_KEY]
+    assert hub.preset_of(hub.build_model(config, weights)._hub_mixin_config) == "ALGNet-S"
+
+
+def test_trained_files_dropped_in_replace_the_placeholder(hub_env, monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(hub, "WEIGHTS_DIR", tmp_path / "weights")
+    torch.manual_seed(2)
+    trained = ALGNet(**PRESETS["ALGNet-S"]).eval()
+    hub.save_bundled(trained, "motion", "ALGNet-S trained on test data", trained=True)
+    go_offline(monkeypatch)
+    model = load_model("motion", "cpu")
+    assert model.provenance == {**model.provenance, "source": "bundled", "trained": True}
+    assert model.provenance["description"] == "ALGNet-S trained on test data"
+    for name, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value.half().float())
+
+
+def test_bad_weights_raise_errors_naming_the_file(saved, tmp_path) -> None:
+    weights, config = saved / hub.WEIGHTS_NAME, saved / hub.CONFIG_NAME
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(WeightsError, match=rf"{weights}.*corrupted or truncated"):
+        from_pretrained(saved)
+    weights.write_bytes(b"\x00" * 64)
+    with pytest.raises(WeightsError, match="corrupted or truncated"):
+        from_pretrained(saved)
+    weights.write_bytes(good)
+    config.write_text(config.read_text().replace('"width": 8', '"width": 16'))
+    with pytest.raises(WeightsError, match=rf"{weights} does not match the model described by {config}"):
+        from_pretrained(saved)
+    config.write_text('{"width": 8, "colour": "red"}')
+    with pytest.raises(WeightsError, match=rf"{config} is not a valid ALGNet config"):
+        from_pretrained(saved)
+    config.unlink()
+    with pytest.raises(WeightsError, match=rf"missing model config: {config}"):
+        from_pretrained(saved)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="missing"):
+        from_pretrained(tmp_path / "empty")
+
+
+def test_unknown_repo_missing_file_and_invalid_id_raise(fake_hub, monkeypatch) -> None:
+    with pytest.raises(WeightsError, match="'test/absent' is not a local folder, a registered name"):
+        from_pretrained("test/absent")
+    with pytest.raises(WeightsError, match="'test/no-weights' has no file model.safetensors"):
+        from_pretrained("test/no-weights")
+    with pytest.raises(WeightsError, match="not a local folder, a registered name .* valid Hub repo id"):
+        from_pretrained("no//such path")
+    go_offline(monkeypatch)
+    with pytest.raises(WeightsError, match="test/other/config.json is not in the Hugging Face cache"):
+        from_pretrained("test/other")
+
+
+@pytest.mark.parametrize("wrapper", ["params", "params_ema", "state_dict", "model"])
+def test_unwrap_checkpoint_wrappers_and_module_prefix(wrapper) -> None:
+    state = {"module.intro.weight": torch.ones(2), "module.intro.bias": torch.zeros(1)}
+    assert hub.unwrap_checkpoint({wrapper: state, "iter": 7}).keys() == {"intro.weight", "intro.bias"}
+
+
+def test_convert_official_checkpoint(tmp_path) -> None:
+    torch.manual_seed(3)
+    model = ALGNet(**PRESETS["ALGNet-S"]).eval()
+    checkpoint = {"params": {f"module.{k}": v for k, v in model.state_dict().items()}, "iter": 1}
+    torch.save(checkpoint, tmp_path / "official.pth")
+    assert hub.convert_checkpoint(tmp_path / "official.pth", tmp_path / "out") == "ALGNet-S"
+    loaded = from_pretrained(tmp_path / "out")
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+    with pytest.raises(FileExistsError):
+        hub.convert_checkpoint(tmp_path / "official.pth", tmp_path / "out")
+
+
+@pytest.mark.parametrize("preset", ["ALGNet", "ALGNet-B", "ALGNet-v1"])
+def test_detect_preset_of_the_papers_models(preset) -> None:
+    with torch.device("meta"):
+        state = ALGNet(**PRESETS[preset]).state_dict()
+    assert hub.detect_preset(state) == preset
+
+
+def test_convert_refuses_anything_else(tiny, tmp_path) -> None:
+    torch.save({"params": tiny.state_dict()}, tmp_path / "tiny.pth")
+    with pytest.raises(WeightsError, match="not a checkpoint of a known ALGNet configuration"):
+        hub.convert_checkpoint(tmp_path / "tiny.pth", tmp_path / "out")
+    torch.save({"epoch": 3, "optimizer": [1, 2]}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="no state dict in the checkpoint"):
+        hub.convert_checkpoint(tmp_path / "other.pth", tmp_path / "out")
+    torch.save({"params": {"conv.weight": torch.zeros(2)}}, tmp_path / "foreign.pth")
+    with pytest.raises(WeightsError, match="no 'intro.weight'"):
+        hub.convert_checkpoint(tmp_path / "foreign.pth", tmp_path / "out")
+    torch.save({"params": hub.RegisteredModel("a", "b", "c", None, "d")}, tmp_path / "pickled.pth")
+    with pytest.raises(WeightsError, match="cannot be read as a PyTorch checkpoint"):
+        hub.convert_checkpoint(tmp_path / "pickled.pth", tmp_path / "out")
