@@ -1,0 +1,189 @@
+"""ComfyUI nodes: "ALGNet Model Loader" and "ALGNet Deblur", thin wrappers over ``algnet_core``.
+
+ComfyUI's modules (``comfy.*``, ``folder_paths``) are imported inside functions and are optional: without
+them (tests, scripts) the nodes run on ``algnet_core``'s own device choice, with no progress bar and no
+queue to cancel from.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from algnet_core import ALGNet, DeblurCancelled, deblur_tensor, list_models, load_model
+from algnet_core.inference import BYTES_PER_PIXEL_PER_WIDTH
+
+from .checkpoint import model_from_state_dict
+
+CATEGORY = "image/restoration/ALGNet"
+MODEL_TYPE = "ALGNET_MODEL"
+MODELS_FOLDER = "algnet"
+"""``ComfyUI/models/algnet/``, registered with ``folder_paths`` under this name."""
+AUTO_TILE_ESTIMATE = 512
+"""Tile side assumed when asking ComfyUI to free device memory for ``tile=0`` (the core then picks)."""
+
+
+def _model_management() -> ModuleType | None:
+    """``comfy.model_management`` inside ComfyUI, else None."""
+    try:
+        from comfy import model_management
+    except ImportError:
+        return None
+    return model_management
+
+
+def register_model_folder() -> None:
+    """Register ``models/algnet`` (``.safetensors``) with ``folder_paths``; a no-op outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    default = os.path.join(folder_paths.models_dir, MODELS_FOLDER)
+    paths, extensions = folder_paths.folder_names_and_paths.get(MODELS_FOLDER, ([], set()))
+    if default not in paths:
+        paths = [default, *paths]
+    folder_paths.folder_names_and_paths[MODELS_FOLDER] = (paths, set(extensions) | {".safetensors"})
+
+
+def _local_files() -> list[str]:
+    """The ``.safetensors`` files under ``models/algnet`` (relative names), or [] outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    register_model_folder()
+    return list(folder_paths.get_filename_list(MODELS_FOLDER))
+
+
+def _load_local_file(name: str) -> ALGNet:
+    """``models/algnet/<name>``: a ``save_pretrained`` folder's ``model.safetensors``, or a bare state dict."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(MODELS_FOLDER, name)
+    if path is None:
+        raise FileNotFoundError(
+            f"ALGNet model file {name!r} not found in {folder_paths.get_folder_paths(MODELS_FOLDER)}"
+        )
+    folder, filename = os.path.split(path)
+    if filename == "model.safetensors" and os.path.isfile(os.path.join(folder, "config.json")):
+        return load_model(folder, device="cpu")
+    model = model_from_state_dict(load_file(path))
+    model.provenance = {"model_id": path, "revision": None, "source": "local"}
+    return model
+
+
+class ALGNetModelLoader:
+    """Loads an ALGNet: a registered model, a file of ``models/algnet``, or a Hub repo id."""
+
+    DESCRIPTION = "Loads an ALGNet deblurring model (registered name, models/algnet file, or Hub repo id)."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        """A choice of registered models and local files, and an optional Hub repo id that overrides it."""
+        names = list_models()
+        return {
+            "required": {
+                "model": (
+                    [*names, *_local_files()],
+                    {"default": names[0], "tooltip": "Registered model or a .safetensors in models/algnet."},
+                ),
+            },
+            "optional": {
+                "hub_repo_id": (
+                    "STRING",
+                    {"default": "", "tooltip": "Hugging Face Hub repo id; when set it replaces 'model'."},
+                ),
+            },
+        }
+
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("algnet_model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, model: str, hub_repo_id: str = "") -> tuple[ALGNet]:
+        """Load the chosen model on the CPU; "ALGNet Deblur" moves it to ComfyUI's device while it runs."""
+        if hub_repo_id.strip():
+            return (load_model(hub_repo_id.strip(), device="cpu"),)
+        if model in list_models():
+            return (load_model(model, device="cpu"),)
+        return (_load_local_file(model),)
+
+
+class ALGNetDeblur:
+    """Deblurs every image of an IMAGE batch (any size from 16x16) tile by tile with an ALGNet."""
+
+    DESCRIPTION = "Removes motion or defocus blur with ALGNet, tile by tile; Cancel stops it between tiles."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        """The images, the model, and the tiling (tile 0: the largest tile that fits in memory)."""
+        return {
+            "required": {
+                "image": ("IMAGE",),
+                "algnet_model": (MODEL_TYPE,),
+                "tile": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 8192, "step": 16, "tooltip": "Tile side; 0: automatic."},
+                ),
+                "overlap": (
+                    "INT",
+                    {"default": 32, "min": 0, "max": 512, "step": 8, "tooltip": "Pixels shared by adjacent tiles."},
+                ),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "deblur"
+    CATEGORY = CATEGORY
+
+    def deblur(self, image: torch.Tensor, algnet_model: ALGNet, tile: int, overlap: int) -> tuple[torch.Tensor]:
+        """IMAGE (float [B, H, W, C] in 0..1, C 3 or 4 with alpha kept) -> the deblurred IMAGE, float32."""
+        if image.ndim != 4 or image.shape[-1] not in (3, 4):
+            raise ValueError(f"IMAGE must be [B, H, W, 3 or 4]; got shape {tuple(image.shape)}")
+        rgb = image[..., :3].movedim(-1, 1).float()
+        mm = _model_management()
+        if mm is None:
+            out = deblur_tensor(rgb, algnet_model, tile or "auto", overlap)
+        else:
+            out = _deblur_in_comfyui(mm, rgb, algnet_model, tile, overlap)
+        out = out.clamp(0, 1).movedim(1, -1).to(image.device, torch.float32)
+        if image.shape[-1] == 4:
+            out = torch.cat([out, image[..., 3:].float()], dim=-1)
+        return (out,)
+
+
+def _deblur_in_comfyui(mm: ModuleType, rgb: torch.Tensor, model: ALGNet, tile: int, overlap: int) -> torch.Tensor:
+    """On ComfyUI's device and precision, with its progress bar and Cancel; the model goes back after."""
+    from comfy.utils import ProgressBar
+
+    device = mm.get_torch_device()
+    precision = "float16" if mm.should_use_fp16(device) else "bfloat16" if mm.should_use_bf16(device) else "float32"
+    side = min(tile or AUTO_TILE_ESTIMATE, max(rgb.shape[-2:]))
+    width = model.intro.out_channels
+    mm.free_memory(mm.module_size(model) + side * side * BYTES_PER_PIXEL_PER_WIDTH * width, device)
+    bar = ProgressBar(1)
+    try:
+        return deblur_tensor(
+            rgb,
+            model,
+            tile or "auto",
+            overlap,
+            progress=lambda done, total: bar.update_absolute(done, total),
+            cancel=mm.processing_interrupted,
+            device=device,
+            precision=precision,
+        )
+    except DeblurCancelled:
+        mm.throw_exception_if_processing_interrupted()
+        raise
+    finally:
+        model.to(mm.unet_offload_device())
+
+
+NODE_CLASS_MAPPINGS = {"ALGNetModelLoader": ALGNetModelLoader, "ALGNetDeblur": ALGNetDeblur}
+NODE_DISPLAY_NAME_MAPPINGS = {"ALGNetModelLoader": "ALGNet Model Loader", "ALGNetDeblur": "ALGNet Deblur"}

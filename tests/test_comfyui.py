@@ -1,0 +1,224 @@
+"""The ComfyUI nodes, called as ComfyUI calls them, with and without ComfyUI's modules present."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from algnet_core import ALGNet
+from algnet_plugin.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from algnet_plugin.comfyui import nodes as comfy_nodes
+from algnet_plugin.comfyui.nodes import ALGNetDeblur, ALGNetModelLoader
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+class Interrupted(Exception):
+    """Stands for ComfyUI's InterruptProcessingException."""
+
+
+@pytest.fixture
+def fake_comfyui(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
+    """Minimal ``comfy.model_management``, ``comfy.utils`` and ``folder_paths`` that record their calls."""
+    record = SimpleNamespace(progress=[], interrupted=False, freed=[], models_dir=tmp_path / "models")
+    mm = ModuleType("comfy.model_management")
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.module_size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())
+    mm.free_memory = lambda size, device: record.freed.append(size)
+    mm.should_use_fp16 = mm.should_use_bf16 = lambda device: False
+    mm.processing_interrupted = lambda: record.interrupted
+
+    def throw_if_interrupted() -> None:
+        if record.interrupted:
+            raise Interrupted
+
+    mm.throw_exception_if_processing_interrupted = throw_if_interrupted
+    utils = ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total: int) -> None:
+            self.total = total
+
+        def update_absolute(self, value: int, total: int | None = None) -> None:
+            record.progress.append((value, total))
+
+    utils.ProgressBar = ProgressBar
+    comfy = ModuleType("comfy")
+    comfy.model_management, comfy.utils = mm, utils
+
+    fp = ModuleType("folder_paths")
+    fp.models_dir = str(record.models_dir)
+    fp.folder_names_and_paths = {}
+    fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
+
+    def get_filename_list(name: str) -> list[str]:
+        paths, extensions = fp.folder_names_and_paths[name]
+        files = (p.relative_to(root) for root in map(Path, paths) for p in root.rglob("*") if p.is_file())
+        return sorted(f.as_posix() for f in files if f.suffix in extensions)
+
+    def get_full_path(name: str, filename: str) -> str | None:
+        found = [Path(p) / filename for p in fp.folder_names_and_paths[name][0] if (Path(p) / filename).is_file()]
+        return str(found[0]) if found else None
+
+    fp.get_filename_list, fp.get_full_path = get_filename_list, get_full_path
+    for name, module in {
+        "comfy": comfy,
+        "comfy.model_management": mm,
+        "comfy.utils": utils,
+        "folder_paths": fp,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return record
+
+
+def _check_input_spec(spec: tuple) -> None:
+    assert isinstance(spec, tuple) and 1 <= len(spec) <= 2
+    assert isinstance(spec[0], str) or (isinstance(spec[0], list) and all(isinstance(c, str) for c in spec[0]))
+    if len(spec) == 2:
+        assert isinstance(spec[1], dict)
+        if spec[0] == "INT":
+            assert spec[1]["min"] <= spec[1]["default"] <= spec[1]["max"]
+
+
+@pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
+def test_node_declarations_are_well_formed(node_id: str) -> None:
+    cls = NODE_CLASS_MAPPINGS[node_id]
+    inputs = cls.INPUT_TYPES()
+    assert set(inputs) <= {"required", "optional", "hidden"} and inputs["required"]
+    for group in inputs.values():
+        for spec in group.values():
+            _check_input_spec(spec)
+    assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
+    assert callable(getattr(cls, cls.FUNCTION))
+    assert cls.CATEGORY == "image/restoration/ALGNet"
+    assert NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("ALGNet ")
+
+
+def test_loader_output_is_the_deblur_model_input() -> None:
+    assert ALGNetModelLoader.RETURN_TYPES == ("ALGNET_MODEL",)
+    assert ALGNetDeblur.INPUT_TYPES()["required"]["algnet_model"] == ("ALGNET_MODEL",)
+    assert ALGNetDeblur.RETURN_TYPES == ("IMAGE",)
+
+
+def test_root_init_reexports_the_node_mappings() -> None:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("algnet_custom_node", root / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.NODE_CLASS_MAPPINGS is NODE_CLASS_MAPPINGS
+    assert module.NODE_DISPLAY_NAME_MAPPINGS is NODE_DISPLAY_NAME_MAPPINGS
+
+
+def test_deblur_node_runs_every_image_of_an_odd_sized_batch(tiny_model: ALGNet) -> None:
+    image = torch.rand(2, 37, 53, 3)
+    (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=0, overlap=0)
+    assert out.shape == (2, 37, 53, 3) and out.dtype == torch.float32
+    assert 0 <= out.min() and out.max() <= 1
+    with torch.no_grad():
+        expected = torch.cat([tiny_model(one.movedim(-1, 1).contiguous()) for one in image.split(1)])
+        expected = expected.clamp(0, 1).movedim(1, -1)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_deblur_node_tiles_large_images_to_full_size(tiny_model: ALGNet) -> None:
+    image = torch.rand(2, 70, 45, 3)
+    (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=32, overlap=8)
+    assert out.shape == image.shape and out.dtype == torch.float32
+    assert 0 <= out.min() and out.max() <= 1
+
+
+def test_deblur_node_keeps_alpha(tiny_model: ALGNet) -> None:
+    image = torch.rand(1, 20, 24, 4)
+    (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=0, overlap=0)
+    assert out.shape == image.shape
+    assert torch.equal(out[..., 3], image[..., 3])
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 40, 3), (1, 40, 1, 3)])
+def test_deblur_node_rejects_one_pixel_strips(tiny_model: ALGNet, shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="needs at least 16x16"):
+        ALGNetDeblur().deblur(torch.rand(shape), tiny_model, tile=0, overlap=0)
+
+
+def test_deblur_node_rejects_channels_first_tensors(tiny_model: ALGNet) -> None:
+    with pytest.raises(ValueError, match=r"\[B, H, W, 3 or 4\]"):
+        ALGNetDeblur().deblur(torch.rand(1, 3, 32, 32), tiny_model, tile=0, overlap=0)
+
+
+def test_in_comfyui_progress_bar_counts_tiles(fake_comfyui: SimpleNamespace, tiny_model: ALGNet) -> None:
+    image = torch.rand(2, 40, 40, 3)
+    (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=32, overlap=8)
+    assert out.shape == image.shape
+    assert fake_comfyui.freed and fake_comfyui.progress
+    assert fake_comfyui.progress == [(done, 8) for done in range(1, 9)]  # 2 images x 2x2 tiles
+
+
+def test_in_comfyui_cancel_raises_comfyuis_interrupt(fake_comfyui: SimpleNamespace, tiny_model: ALGNet) -> None:
+    fake_comfyui.interrupted = True
+    with pytest.raises(Interrupted):
+        ALGNetDeblur().deblur(torch.rand(2, 40, 40, 3), tiny_model, tile=32, overlap=8)
+    assert fake_comfyui.progress == []
+
+
+def test_loader_lists_and_loads_files_of_models_algnet(fake_comfyui: SimpleNamespace, tiny_model: ALGNet) -> None:
+    folder = fake_comfyui.models_dir / "algnet"
+    (folder / "finetuned").mkdir(parents=True)
+    save_file(tiny_model.state_dict(), folder / "bare.safetensors")
+    tiny_model.save_pretrained(folder / "finetuned")
+    (folder / "notes.txt").write_text("not a model")
+    choices = ALGNetModelLoader.INPUT_TYPES()["required"]["model"][0]
+    assert {"bare.safetensors", "finetuned/model.safetensors"} <= set(choices)
+    assert "notes.txt" not in choices
+    image = torch.rand(1, 24, 24, 3)
+    (expected,) = ALGNetDeblur().deblur(image, tiny_model, tile=0, overlap=0)
+    for name in ("bare.safetensors", "finetuned/model.safetensors"):
+        (model,) = ALGNetModelLoader().load(name)
+        (out,) = ALGNetDeblur().deblur(image, model, tile=0, overlap=0)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_loader_passes_names_and_hub_ids_to_the_core(monkeypatch: pytest.MonkeyPatch, tiny_model: ALGNet) -> None:
+    asked = []
+    monkeypatch.setattr(comfy_nodes, "load_model", lambda model, device: asked.append((model, device)) or tiny_model)
+    registered = ALGNetModelLoader.INPUT_TYPES()["required"]["model"][0][0]
+    assert ALGNetModelLoader().load(registered) == (tiny_model,)
+    assert ALGNetModelLoader().load(registered, hub_repo_id="  someone/algnet-finetune ") == (tiny_model,)
+    assert asked == [(registered, "cpu"), ("someone/algnet-finetune", "cpu")]
+
+
+def test_example_workflows_cover_motion_defocus_and_comparison() -> None:
+    names = {p.stem for p in WORKFLOWS}
+    assert {"algnet_motion_deblur", "algnet_defocus_deblur", "algnet_side_by_side"} <= names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_example_workflow_links_and_widgets_fit_the_nodes(path: Path) -> None:
+    workflow = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, link_type in workflow["links"]:
+        output, target = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
+        assert output["type"] == link_type == target["type"]
+        assert link_id in output["links"] and target["link"] == link_id
+    ours = [n for n in nodes.values() if n["type"] in NODE_CLASS_MAPPINGS]
+    assert {n["type"] for n in ours} == set(NODE_CLASS_MAPPINGS)
+    for n in ours:
+        specs = NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
+        widgets = [
+            s for group in specs.values() for s in group.values() if isinstance(s[0], list) or s[0] in WIDGET_TYPES
+        ]
+        assert len(widgets) == len(n["widgets_values"])
+        for spec, value in zip(widgets, n["widgets_values"], strict=True):
+            if isinstance(spec[0], list):
+                assert value in spec[0]
+            elif spec[0] == "INT":
+                assert spec[1]["min"] <= value <= spec[1]["max"]
