@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import publish
 from .hub import REGISTRY, WeightsError, bundled_files, convert_checkpoint, load_model
 from .imageio import IMAGE_SUFFIXES, SAMPLE_IMAGE, read_image, write_image
 from .inference import DEFAULT_OVERLAP, choose_tile, deblur, free_memory, resolve_device
@@ -243,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model.safetensors there")
     p.set_defaults(run=cmd_convert)
+    p = sub.add_parser(
+        "publish",
+        help="upload an exported model folder to the Hugging Face Hub",
+        description=publish.__doc__.split("\n")[0],
+    )
+    publish.add_arguments(p)
+    p.set_defaults(run=publish.run)
     return parser
 
 

@@ -1,0 +1,422 @@
+"""The training loop: DDP, autocast, clipping, EMA, exact checkpoint/resume, validation and logs.
+
+One :class:`Trainer` per process. Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins a process group
+(nccl on CUDA, gloo on CPU), wraps the model in DistributedDataParallel and feeds each process
+``batch / world`` samples of every global batch (see :class:`train.data.EpochSampler`). Rank 0 alone
+validates, logs and writes checkpoints.
+
+Files in ``log.out_dir``: ``last.pt`` (everything needed to resume: model, optimiser, scheduler,
+grad scaler, EMA, RNG states, step, best metric), ``best.pt`` (the evaluated weights of the best
+validation PSNR), ``train.csv``, ``val.csv``, ``config.yaml``, ``tb/`` (TensorBoard events, when
+installed) and, when ``export.dir`` is set, the exported ``save_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from skimage.metrics import structural_similarity
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from algnet_core import ALGNet
+
+from .config import Config
+from .data import EpochSampler, Flips, build_dataset
+from .losses import MultiScaleLoss
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if there is one; returns (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def psnr(pred: Tensor, target: Tensor) -> float:
+    """PSNR in dB of images in 0..1 (mean over the whole tensor)."""
+    mse = torch.mean((pred.double() - target.double()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def ssim(pred: Tensor, target: Tensor) -> float:
+    """SSIM (skimage, Gaussian-free 7x7 windows, data range 1) of two (3, h, w) images."""
+    a, b = (t.permute(1, 2, 0).double().cpu().numpy() for t in (pred, target))
+    return float(structural_similarity(a, b, channel_axis=2, data_range=1.0))
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers.
+
+    The decay warms up as ``min(decay, (1 + step) / (10 + step))`` so that early averages follow the
+    model instead of staying at the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """ema = d * ema + (1 - d) * current, d the warmed-up decay at ``step`` (0 for the first update)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        current = model.state_dict()
+        for name, value in self.model.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.lerp_(current[name], 1 - decay)
+            else:
+                value.copy_(current[name])
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def freeze_unused(model: nn.Module, channels: int) -> list[str]:
+    """Freeze parameters that the forward never uses (the official layout's ``gamma``/``conv3_2``).
+
+    Found by one tiny forward/backward; returns their names. DDP then needs no unused-parameter search.
+    """
+    device = next(model.parameters()).device
+    outputs = model(torch.rand(1, channels, 16, 16, device=device), return_all_scales=True)
+    sum(o.mean() for o in outputs).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    for name, p in model.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    return unused
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` and runs :meth:`fit`."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed()
+        self.out_dir = Path(cfg.log.out_dir)
+        torch.manual_seed(cfg.run.seed)
+        model_kwargs = cfg.model_kwargs()
+        self.model = ALGNet(**model_kwargs).to(self.device)
+        self.frozen = freeze_unused(self.model, model_kwargs.get("img_channel", 3))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
+        self.ema = EMA(self.model, cfg.run.ema_decay) if cfg.run.ema_decay else None
+        self.optimizer = torch.optim.Adam(
+            self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.autocast = AUTOCAST_DTYPES.get(cfg.run.precision) if self.device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast is torch.float16)
+        self.criterion = MultiScaleLoss(cfg.loss.eps, cfg.loss.edge_weight, cfg.loss.freq_weight)
+        self.step, self.best_psnr = 0, -math.inf
+
+        flips = Flips(**cfg.data.flips)
+        self.train_set = build_dataset(cfg.data.train, cfg.data.crop, flips, train=True, seed=cfg.run.seed)
+        recipe = cfg.data.train.get("recipe")
+        self.val_set = (
+            build_dataset(cfg.data.val, None, flips, train=False, seed=cfg.run.seed + 1, recipe=recipe)
+            if cfg.data.val
+            else None
+        )
+        self.sampler = EpochSampler(len(self.train_set), cfg.run.batch, cfg.run.seed, self.rank, self.world)
+
+    def lr_factor(self, step: int) -> float:
+        """Cosine annealing from ``optim.lr`` at step 0 to ``optim.min_lr`` at ``run.steps`` (closed form).
+
+        Read from the config at every step, so resuming with a larger ``run.steps`` stretches the rest of
+        the schedule (the learning rate jumps up to the new curve: a warm restart).
+        """
+        lr, min_lr, total = self.cfg.optim.lr, self.cfg.optim.min_lr, self.cfg.run.steps
+        progress = min(step, total) / total
+        return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs."""
+        return {
+            "step": self.step,
+            "best_psnr": self.best_psnr,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema else None,
+            "rng": _rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (strictly: the model must match the config)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] and self.scaler.is_enabled():  # empty when saved by a run without fp16
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ValueError("the checkpoint has no EMA weights but the config asks for EMA")
+            self.ema.model.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"])
+        self.step, self.best_psnr = state["step"], state["best_psnr"]
+
+    def save(self, path: Path, state: dict[str, Any]) -> None:
+        """Write atomically (temporary file, then rename): an interrupted save keeps the old file."""
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a ``last.pt`` checkpoint (written on any device, any world size)."""
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ----------------------------------------------------------------------------------- one step
+    def train_step(self, blur: Tensor, sharp: Tensor) -> dict[str, float]:
+        """Forward, Eq. 1 loss, backward (scaled for fp16), clipping, Adam, cosine step, EMA."""
+        net = self.ddp or self.model
+        net.train()
+        blur, sharp = blur.to(self.device, non_blocking=True), sharp.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)):
+            outputs = net(blur, return_all_scales=True)
+        terms = self.criterion.terms(outputs, sharp)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        if self.cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+        self.step += 1
+        return {k: v.item() for k, v in terms.items()}
+
+    # ----------------------------------------------------------------------------------- validation
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and exported: the EMA when enabled."""
+        return self.ema.model if self.ema else self.model
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean PSNR/SSIM of restored and of blurry inputs against the sharp images of the val set."""
+        model = self.eval_model.eval()
+        sums = dict.fromkeys(("psnr", "ssim", "psnr_blurry", "ssim_blurry"), 0.0)
+        for i in range(len(self.val_set)):
+            blur, sharp = self.val_set[i]
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)):
+                out = model(blur[None].to(self.device))
+            out = out.float().clamp(0, 1)[0].cpu()
+            sums["psnr"] += psnr(out, sharp)
+            sums["ssim"] += ssim(out, sharp)
+            sums["psnr_blurry"] += psnr(blur, sharp)
+            sums["ssim_blurry"] += ssim(blur, sharp)
+        return {k: v / len(self.val_set) for k, v in sums.items()} | {"images": len(self.val_set)}
+
+    # ----------------------------------------------------------------------------------- the loop
+    def loader(self, epoch: int, start: int) -> DataLoader:
+        """This rank's batches of ``epoch``, skipping its first ``start`` samples."""
+        self.sampler.set_epoch(epoch, start)
+        workers = self.cfg.data.workers
+        return DataLoader(
+            self.train_set,
+            batch_size=self.sampler.per_rank,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init if workers else None,
+        )
+
+    def fit(self, until: int | None = None, minutes: float | None = None) -> dict[str, Any]:
+        """Train to ``run.steps`` (or stop early at step ``until`` / after ``minutes``, checkpointing).
+
+        Returns the best validation metrics so far (empty without validation).
+        """
+        cfg, main = self.cfg, self.rank == 0
+        stop_at = min(cfg.run.steps, until or cfg.run.steps)
+        deadline = time.monotonic() + 60 * minutes if minutes else None
+        logger = _Logs(self.out_dir, cfg.log.tensorboard) if main else None
+        if main:
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            log.info(
+                "%s: step %d of %d, batch %d (%d per process x %d), %d training samples, %d unused tensors frozen",
+                cfg.name, self.step, cfg.run.steps, cfg.run.batch, self.sampler.per_rank, self.world,
+                len(self.train_set), len(self.frozen),
+            )  # fmt: skip
+        bar = tqdm(total=cfg.run.steps, initial=self.step, disable=not (main and cfg.log.progress), unit="step")
+        best = _read_best(self.out_dir) if main else {}
+        window: dict[str, float] = {}
+        tick, seen, count = time.perf_counter(), 0, 0
+        while self.step < stop_at:
+            epoch, offset = divmod(self.step, self.sampler.steps_per_epoch)
+            for blur, sharp in self.loader(epoch, offset * self.sampler.per_rank):
+                terms = self.train_step(blur, sharp)
+                for k, v in terms.items():
+                    window[k] = window.get(k, 0.0) + v
+                seen, count = seen + blur.shape[0] * self.world, count + 1
+                bar.update(1)
+                stop = self.step >= stop_at or self._out_of_time(deadline)
+                if self.step % cfg.log.every == 0 or stop:
+                    means = self._reduce({k: v / count for k, v in window.items()})
+                    rate = seen / (time.perf_counter() - tick)
+                    lr = self.scheduler.get_last_lr()[0]
+                    if main:
+                        bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.2f}")
+                        logger.train(self.step, epoch, means, lr, rate)
+                    window, tick, seen, count = {}, time.perf_counter(), 0, 0
+                finished = self.step == cfg.run.steps
+                if self.val_set is not None and (self.step % cfg.log.val_every == 0 or finished):
+                    best = self._validate_and_keep(logger, best)
+                if self.step % cfg.log.ckpt_every == 0 or stop:
+                    self._barrier()
+                    if main:
+                        self.save(self.out_dir / "last.pt", self.state_dict())
+                if stop:
+                    stop_at = self.step
+                    break
+        bar.close()
+        if main:
+            if self.val_set is None and self.step == cfg.run.steps:
+                self.save(self.out_dir / "best.pt", self._best_state({}))
+            logger.close()
+        self._barrier()
+        return best
+
+    def _out_of_time(self, deadline: float | None) -> bool:
+        if deadline is None:
+            return False
+        late = torch.tensor(float(time.monotonic() > deadline), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late.item())
+
+    def _validate_and_keep(self, logger: _Logs | None, best: dict[str, Any]) -> dict[str, Any]:
+        if self.rank == 0:
+            metrics = self.validate()
+            logger.val(self.step, metrics)
+            log.info("step %d validation: %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
+            if metrics["psnr"] > self.best_psnr:
+                self.best_psnr = metrics["psnr"]
+                best = metrics | {"step": self.step}
+                self.save(self.out_dir / "best.pt", self._best_state(best))
+        self._barrier()
+        return best
+
+    def _best_state(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.eval_model.state_dict(),
+            "model_kwargs": self.cfg.model_kwargs(),
+            "metrics": metrics,
+            "config": self.cfg.to_dict(),
+        }
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world).tolist(), strict=True))
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _read_best(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "best.pt"
+    if not path.exists():
+        return {}
+    return torch.load(path, map_location="cpu", weights_only=False)["metrics"]
+
+
+class _Logs:
+    """CSV files (train.csv, val.csv) plus TensorBoard events when tensorboard is installed."""
+
+    TRAIN_FIELDS = ("step", "epoch", "loss", "char", "edge", "freq", "lr", "images_per_s", "time")
+    VAL_FIELDS = ("step", "psnr", "ssim", "psnr_blurry", "ssim_blurry", "images", "time")
+
+    def __init__(self, out_dir: Path, tensorboard: bool) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir, self.tb = out_dir, None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed: logging to CSV only")
+            else:
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def _append(self, name: str, fields: tuple[str, ...], row: dict[str, Any]) -> None:
+        path = self.out_dir / name
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in fields})
+
+    def train(self, step: int, epoch: int, means: dict[str, float], lr: float, rate: float) -> None:
+        """One row of training loss terms, learning rate and throughput."""
+        row = means | {"step": step, "epoch": epoch, "lr": lr, "images_per_s": rate, "time": time.time()}
+        self._append("train.csv", self.TRAIN_FIELDS, row)
+        if self.tb:
+            for k, v in means.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+            self.tb.add_scalar("train/lr", lr, step)
+            self.tb.add_scalar("train/images_per_s", rate, step)
+
+    def val(self, step: int, metrics: dict[str, float]) -> None:
+        """One row of validation metrics."""
+        self._append("val.csv", self.VAL_FIELDS, metrics | {"step": step, "time": time.time()})
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"val/{k}", v, step)
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self.tb:
+            self.tb.close()

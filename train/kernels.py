@@ -1,0 +1,138 @@
+"""Blur kernels for synthetic training data and benchmarks: camera shake, disk and Gaussian defocus.
+
+Every kernel is a non-negative float64 array that sums to 1, square with an odd side, and centred: its
+centre of mass lies within half a pixel of the central pixel, so the blurred image stays aligned with
+the sharp one (the network is trained to restore, not to shift). Random kernels take a
+``numpy.random.Generator``: the same generator state gives the same kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SUPERSAMPLE = 8
+"""Sub-pixels per pixel side used to anti-alias disk edges."""
+
+
+def _normalise(kernel: np.ndarray) -> np.ndarray:
+    kernel = np.clip(kernel, 0.0, None)
+    return kernel / kernel.sum()
+
+
+def pad_to(kernel: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad an odd square kernel symmetrically to ``size`` x ``size`` (odd, >= its side)."""
+    side = kernel.shape[0]
+    if size < side or (size - side) % 2:
+        raise ValueError(f"cannot pad a {side}x{side} kernel to {size}x{size}")
+    p = (size - side) // 2
+    return np.pad(kernel, p)
+
+
+def centre(kernel: np.ndarray) -> np.ndarray:
+    """Shift a kernel by whole pixels so its centre of mass is the central pixel; result is odd-sized."""
+    kernel = _normalise(np.asarray(kernel, dtype=np.float64))
+    rows, cols = np.indices(kernel.shape)
+    cy, cx = (rows * kernel).sum(), (cols * kernel).sum()
+    iy, ix = round(cy), round(cx)
+    half = max(iy, kernel.shape[0] - 1 - iy, ix, kernel.shape[1] - 1 - ix)
+    out = np.zeros((2 * half + 1, 2 * half + 1))
+    out[half - iy : half - iy + kernel.shape[0], half - ix : half - ix + kernel.shape[1]] = kernel
+    return out
+
+
+def disk_kernel(radius: float, size: int | None = None) -> np.ndarray:
+    """Uniform disk (pillbox) of ``radius`` pixels, edges anti-aliased by area coverage.
+
+    ``radius`` 0 gives the identity kernel. ``size`` defaults to ``2 * ceil(radius) + 1``.
+    """
+    if radius < 0:
+        raise ValueError("radius must be >= 0")
+    half = math.ceil(radius)
+    size = 2 * half + 1 if size is None else size
+    if radius == 0:
+        return pad_to(np.ones((1, 1)), size)
+    n = (2 * half + 1) * SUPERSAMPLE
+    offsets = (np.arange(n) + 0.5) / SUPERSAMPLE - (half + 0.5)
+    inside = (offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius**2
+    cover = inside.reshape(2 * half + 1, SUPERSAMPLE, 2 * half + 1, SUPERSAMPLE).mean(axis=(1, 3))
+    return pad_to(_normalise(cover), size)
+
+
+def gaussian_kernel(sigma: float, size: int | None = None) -> np.ndarray:
+    """Isotropic Gaussian of standard deviation ``sigma`` pixels; ``size`` defaults to 2*ceil(3 sigma)+1."""
+    if sigma <= 0:
+        raise ValueError("sigma must be > 0")
+    size = 2 * math.ceil(3 * sigma) + 1 if size is None else size
+    r = np.arange(size) - size // 2
+    g = np.exp(-(r**2) / (2 * sigma**2))
+    return _normalise(np.outer(g, g))
+
+
+def camera_shake_trajectory(
+    rng: np.random.Generator, samples: int = 2000, max_anxiety: float = 0.005, max_jerk_prob: float = 0.002
+) -> np.ndarray:
+    """A random 2-D camera-shake path (complex positions), in the spirit of Boracchi & Foi (2012).
+
+    A point moves with unit speed; at every step its velocity receives Gaussian noise scaled by an
+    ``anxiety`` drawn from U(0, max_anxiety), a pull back towards the start (centripetal) and, with a
+    probability drawn from U(0, max_jerk_prob), a jerk that turns it by a random angle. Small anxiety gives
+    near-straight strokes, large anxiety curly ones. Returns ``samples`` positions in arbitrary units
+    (the caller scales them).
+    """
+    anxiety = max_anxiety * rng.uniform()
+    jerk_prob = max_jerk_prob * rng.uniform()
+    centripetal = 0.7 * rng.uniform()
+    gaussian_term = 10 * rng.uniform()
+    angle = rng.uniform(0, 2 * np.pi)
+    v = np.exp(1j * angle)
+    x = np.zeros(samples, dtype=np.complex128)
+    noise = rng.standard_normal((samples, 2)) @ np.array([1.0, 1j])
+    jerks = rng.uniform(size=samples) < jerk_prob
+    jerk_angles = rng.uniform(0, 2 * np.pi, size=samples)
+    for t in range(1, samples):
+        v = v + anxiety * (gaussian_term * noise[t] - centripetal * x[t - 1])
+        if jerks[t]:
+            v = v * np.exp(1j * jerk_angles[t])
+        v /= max(abs(v), 1e-12)
+        x[t] = x[t - 1] + v
+    return x
+
+
+def rasterise(path: np.ndarray, length: float, size: int) -> np.ndarray:
+    """Scale a complex path so its longest extent is ``length`` pixels and splat it into a kernel.
+
+    The path is centred on its mean (centre of mass of the exposure), then drawn with bilinear weights
+    into a ``size`` x ``size`` grid (odd ``size``); parts outside are clipped, then the kernel is normalised.
+    """
+    path = path - path.mean()
+    extent = max(np.ptp(path.real), np.ptp(path.imag), 1e-12)
+    path = path * (length / extent)
+    half = size // 2
+    xs, ys = path.real + half, path.imag + half
+    x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
+    fx, fy = xs - x0, ys - y0
+    kernel = np.zeros((size + 1, size + 1))
+    for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        yy, xx = np.clip(y0 + dy, 0, size), np.clip(x0 + dx, 0, size)
+        np.add.at(kernel, (yy, xx), w)
+    return _normalise(kernel[:size, :size])
+
+
+def motion_kernel(rng: np.random.Generator, size: int, min_length: float, max_length: float) -> np.ndarray:
+    """A random camera-shake kernel of side ``size`` whose path spans U(min_length, max_length) pixels."""
+    if max_length > size - 2:
+        raise ValueError(f"max_length {max_length} does not fit a {size}x{size} kernel")
+    length = rng.uniform(min_length, max_length)
+    return rasterise(camera_shake_trajectory(rng), length, size)
+
+
+def random_defocus_kernel(
+    rng: np.random.Generator, size: int, radius: tuple[float, float], gaussian_prob: float
+) -> np.ndarray:
+    """A disk of radius U(radius), or with probability ``gaussian_prob`` a Gaussian of sigma = radius / 2."""
+    r = rng.uniform(*radius)
+    if rng.uniform() < gaussian_prob:
+        return gaussian_kernel(max(r / 2, 0.3), size=size)
+    return disk_kernel(r, size=size)
