@@ -15,6 +15,8 @@ Backends (pick one with ``backend=`` or the ``ALGNET_SCAN_BACKEND`` environment 
   inside a chunk the recurrence is a log-depth (Hillis-Steele) scan of affine maps, and only the
   (batch, d_inner, d_state) state crosses chunk borders, so memory is bounded by the chunk, not by L.
   With gradients each chunk is recomputed in the backward pass (activation checkpointing).
+* ``cpu`` - compiled CPU kernels (numba, ``scan_cpu.py``), forward and backward; the default on CPU when
+  numba is installed.
 * ``mamba_ssm`` - the official CUDA kernel, when the ``mamba_ssm`` package imports and tensors are on CUDA.
 
 Like ``selective_scan_ref``, the scan itself runs in float32 (float64 when given float64) and the result
@@ -39,6 +41,12 @@ log = logging.getLogger(__name__)
 ENV_VAR = "ALGNET_SCAN_BACKEND"
 CHUNK_ELEMENTS = 1 << 21
 """Target size of one chunk's (batch, d_inner, chunk, d_state) work tensor in the chunked backend."""
+CPU_CHUNK_ELEMENTS = 1 << 16
+"""Upper bound of that size on CPU, where a chunk's work tensors should stay in cache (bench/scan.py)."""
+DECAY_FLOOR = 2.0**-62
+"""Smallest decay (product) the chunked backend uses: it keeps products of two decays, and a decay times a
+state of magnitude >= 2**-64, normal floats (subnormal arithmetic is ~100x slower on CPUs). The error,
+under 2**-62 times the state, is far below float32 rounding."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ def _scan_chunk(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C
 
     Returns y (b, d, T) and the state after the chunk's last step.
     """
-    decay = torch.exp(delta[..., None] * A[:, None, :])  # (b, d, T, n)
+    decay = torch.exp(delta[..., None] * A[:, None, :]).clamp_min_(DECAY_FLOOR)  # (b, d, T, n)
     inp = (delta * u)[..., None] * B.transpose(1, 2)[:, None]  # (b, d, T, n)
     first = inp[:, :, :1] + decay[:, :, :1] * state[:, :, None]
     s = torch.cat([first, inp[:, :, 1:]], dim=2)
@@ -106,7 +114,7 @@ def _scan_chunk(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C
     while k < length:
         s = torch.cat([s[:, :, :k], torch.addcmul(s[:, :, k:], decay[:, :, k:], s[:, :, :-k])], dim=2)
         if 2 * k < length:
-            decay = torch.cat([decay[:, :, :k], decay[:, :, k:] * decay[:, :, :-k]], dim=2)
+            decay = torch.cat([decay[:, :, :k], (decay[:, :, k:] * decay[:, :, :-k]).clamp_min_(DECAY_FLOOR)], dim=2)
         k *= 2
     y = torch.einsum("bdtn,bnt->bdt", s, C)
     return y, s[:, :, -1]
@@ -117,22 +125,37 @@ def _run_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     u, delta, A, B, C = _discretisation_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, d_inner, length = u.shape
     d_state = A.shape[1]
-    chunk = max(16, CHUNK_ELEMENTS // (batch * d_inner * d_state))
+    elements = min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS) if u.device.type == "cpu" else CHUNK_ELEMENTS
+    chunk = max(16, elements // (batch * d_inner * d_state))
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
     state = u.new_zeros(batch, d_inner, d_state)
+    # Without gradients the chunks are written into one output: no list of small tensors between the large
+    # short-lived work tensors, which fragments glibc's heap (several GiB of RSS at L=921600).
+    y = None if recompute else u.new_empty(batch, d_inner, length)
     ys = []
     for start in range(0, length, chunk):
         part = slice(start, start + chunk)
         args = (state, u[:, :, part], delta[:, :, part], A, B[:, :, part], C[:, :, part])
-        y, state = checkpoint(_scan_chunk, *args, use_reentrant=False) if recompute else _scan_chunk(*args)
-        ys.append(y)
-    return _skip_and_gate(torch.cat(ys, dim=2), u, D, z, out_dtype)
+        if recompute:
+            y_part, state = checkpoint(_scan_chunk, *args, use_reentrant=False)
+            ys.append(y_part)
+        else:
+            y[:, :, part], state = _scan_chunk(*args)
+    return _skip_and_gate(torch.cat(ys, dim=2) if recompute else y, u, D, z, out_dtype)
 
 
 def _run_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False) -> Tensor:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _run_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False) -> Tensor:
+    from .scan_cpu import selective_scan_cpu
+
+    out_dtype = u.dtype
+    u, delta, A, B, C = _discretisation_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+    return _skip_and_gate(selective_scan_cpu(u, delta, A, B, C), u, D, z, out_dtype)
 
 
 def _everywhere(device: torch.device) -> str | None:
@@ -147,15 +170,24 @@ def _mamba_ssm_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def _cpu_unavailable(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the numba kernels run on CPU tensors only (got {device.type})"
+    if importlib.util.find_spec("numba") is None:
+        return "the numba package is not installed (pip install numba)"
+    return None
+
+
 BACKENDS: dict[str, ScanBackend] = {
     b.name: b
     for b in (
         ScanBackend("reference", _run_reference, _everywhere),
         ScanBackend("chunked", _run_chunked, _everywhere),
+        ScanBackend("cpu", _run_cpu, _cpu_unavailable),
         ScanBackend("mamba_ssm", _run_mamba_ssm, _mamba_ssm_unavailable),
     )
 }
-AUTO_ORDER: list[str] = ["mamba_ssm", "chunked"]
+AUTO_ORDER: list[str] = ["mamba_ssm", "cpu", "chunked"]
 """Backends tried in this order when none is asked for; the first that can run is used."""
 
 _announced: set[tuple[str, str]] = set()

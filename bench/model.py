@@ -53,9 +53,7 @@ def run_case(preset: str, height: int, width: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="256x256 only")
     parser.add_argument("--presets", nargs="+", default=["ALGNet", "Baseline"])
     parser.add_argument("--repeats", type=int, default=2)
@@ -76,12 +74,8 @@ def main() -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(f"  measured {preset} at {w}x{h}", file=sys.stderr)
 
-    print(
-        f"\nCPU forward, float32, batch 1, {rows[0]['threads']} threads, scan backend {rows[0]['scan_backend']}"
-    )
-    print(
-        f"{'model':<10} {'size':>9} {'params':>12} {'GFLOPs':>8} {'hook GMACs':>10} {'seconds':>8} {'peak RSS':>9}"
-    )
+    print(f"\nCPU forward, float32, batch 1, {rows[0]['threads']} threads, scan backend {rows[0]['scan_backend']}")
+    print(f"{'model':<10} {'size':>9} {'params':>12} {'GFLOPs':>8} {'hook GMACs':>10} {'seconds':>8} {'peak RSS':>9}")
     for r in rows:
         print(
             f"{r['preset']:<10} {r['size']:>9} {r['params']:>12,} {r['gflops']:>8.1f} {r['hook_gmacs']:>10.1f}"
@@ -92,9 +86,7 @@ def main() -> None:
         print("\nALGNet / Baseline: time ratio vs FLOP ratio (target: time ratio <= FLOP ratio)")
         for h, w in sizes:
             a, b = by_key[("ALGNet", f"{w}x{h}")], by_key[("Baseline", f"{w}x{h}")]
-            print(
-                f"  {w}x{h}: time {a['seconds'] / b['seconds']:.2f}x, FLOPs {a['gflops'] / b['gflops']:.2f}x"
-            )
+            print(f"  {w}x{h}: time {a['seconds'] / b['seconds']:.2f}x, FLOPs {a['gflops'] / b['gflops']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

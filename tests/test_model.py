@@ -38,7 +38,7 @@ def test_preset_parameter_counts():
     assert counts["ALGNet-S"] < 6_000_000  # < 25 MB in float32: ships inside the wheel
 
 
-@pytest.mark.parametrize("backend", ["chunked", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "chunked", "reference"])
 def test_golden_outputs_of_official_code(shared, monkeypatch, backend):
     golden = shared / "reference" / "golden_tiny"
     config = json.loads((golden / "config.json").read_text())["constructor_kwargs"]
@@ -81,12 +81,12 @@ def test_any_size_comes_back_at_input_size(tiny_model, shape):
 
 
 def test_batch_equals_single_images_and_eval_is_deterministic(tiny_model):
-    x = torch.rand(3, 3, 40, 24)
+    x = torch.rand(3, 3, 40, 24, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         batch = tiny_model(x)
         singles = torch.cat([tiny_model(x[i : i + 1]) for i in range(3)])
         again = tiny_model(x)
-    assert torch.allclose(batch, singles, atol=1e-5)
+    assert torch.allclose(batch, singles, atol=5e-5)  # batched BLAS sums in another order
     assert torch.equal(batch, again)
 
 
