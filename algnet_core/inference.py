@@ -171,6 +171,14 @@ def _tiled_one(
     return out / norm
 
 
+def tiles_per_batch(device: torch.device, auto_tile: int, tile_area: int, cap: int = MAX_TILES_PER_BATCH) -> int:
+    """How many tiles go through the network at once: as many as fit in one auto-sized tile's memory on a
+    GPU; one on a CPU, where batching gains little and would delay progress and cancel by a whole batch."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(cap, auto_tile**2 // tile_area))
+
+
 def _count_tiles(h: int, w: int, tile: int, overlap: int) -> int:
     th, tw = min(tile, h), min(tile, w)
     return len(_tile_starts(h, th, overlap)) * len(_tile_starts(w, tw, overlap))
@@ -218,7 +226,7 @@ def deblur_tensor(
     max_batch = MAX_TILES_PER_BATCH
     while True:
         total = len(images) * _count_tiles(h, w, size, overlap)
-        per_batch = max(1, min(max_batch, auto_tile**2 // (min(size, h) * min(size, w))))
+        per_batch = tiles_per_batch(dev, auto_tile, min(size, h) * min(size, w), max_batch)
         log.info("algnet: %dx%d image(s), tile %d, overlap %d, %d tile(s) on %s", h, w, size, overlap, total, dev)
         done = 0
 

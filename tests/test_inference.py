@@ -135,15 +135,18 @@ def test_progress_counts_tiles_and_cancel_stops(identity) -> None:
     assert calls == []
 
 
-def test_tiles_are_batched(identity, monkeypatch) -> None:
-    batches = []
+def test_tiles_are_batched_on_gpus_and_one_by_one_on_cpus(identity, monkeypatch) -> None:
+    assert inference.tiles_per_batch(torch.device("cuda"), 128, 64 * 64) == 4
+    assert inference.tiles_per_batch(torch.device("cuda"), 1024, 64 * 64) == inference.MAX_TILES_PER_BATCH
+    batches, steps = [], []
     handle = identity.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
     monkeypatch.setattr(inference, "choose_tile", lambda width, device: 128)
     try:
-        deblur(np.zeros((100, 100), np.float32), identity, tile=64, overlap=16)
+        deblur(np.zeros((100, 100), np.float32), identity, tile=64, overlap=16, progress=lambda d, t: steps.append(d))
     finally:
         handle.remove()
-    assert batches == [4]
+    assert batches == [1, 1, 1, 1]  # CPU: progress and cancel after every tile
+    assert steps == [1, 2, 3, 4]
 
 
 def test_out_of_memory_halves_the_tile(identity, caplog) -> None:
