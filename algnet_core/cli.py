@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import publish
-from .hub import REGISTRY, WeightsError, bundled_files, convert_checkpoint, load_model
+from .hub import REGISTRY, bundled_files, convert_checkpoint, load_model
 from .imageio import IMAGE_SUFFIXES, SAMPLE_IMAGE, read_image, write_image
 from .inference import DEFAULT_OVERLAP, choose_tile, deblur, free_memory, resolve_device
 from .model import PRESETS
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("algnet_core.hub").setLevel(logging.INFO)  # always say which weights are used
     try:
         return args.run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, WeightsError) as err:
+    except (OSError, TypeError, ValueError, RuntimeError) as err:  # WeightsError is a RuntimeError
         print(f"algnet {args.command}: error: {err}", file=sys.stderr)
         return 1
 

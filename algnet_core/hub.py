@@ -221,7 +221,7 @@ def resolve_files(name_or_path: str | os.PathLike, revision: str | None = None, 
     """
     text = os.fspath(name_or_path)
     folder = Path(text).expanduser()
-    if folder.is_dir():
+    if folder.is_dir() and (text not in REGISTRY or (folder / CONFIG_NAME).is_file()):
         provenance = {"model_id": str(folder), "revision": None, "source": "local", "path": str(folder)}
         return folder / CONFIG_NAME, folder / WEIGHTS_NAME, provenance
     entry = REGISTRY.get(text)

@@ -9,6 +9,7 @@ reduces 16-bit RGB PNGs to 8 bits), TIFFs through ``tifffile`` and JPEGs through
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def read_image(path: str | Path) -> Stack:
 def write_image(path: str | Path, stack: Stack, overwrite: bool = False) -> None:
     """Write ``stack`` in the format of ``path``'s suffix, same dtype; never replaces a file unless asked.
 
-    Raises ``FileExistsError`` when ``path`` exists and ``overwrite`` is False.
+    Raises ``FileExistsError`` when ``path`` exists and ``overwrite`` is False. The file is encoded into a
+    hidden temporary beside it and then put in place, so a failed or interrupted write leaves nothing behind.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -100,11 +102,27 @@ def write_image(path: str | Path, stack: Stack, overwrite: bool = False) -> None
         raise ValueError(f"{path}: JPEG stores 8-bit images only, not {data.dtype}")
     if suffix not in IMAGE_SUFFIXES:
         raise ValueError(f"{path}: unsupported image type {suffix!r}; use one of {sorted(IMAGE_SUFFIXES)}")
-    with open(path, "wb" if overwrite else "xb") as file:
-        if suffix in PNG_SUFFIXES:
-            _write_png(file, stack.pages[0])
-        elif suffix in JPEG_SUFFIXES:
-            iio.imwrite(file, stack.pages[0], extension=suffix, quality=95)
-        else:
-            rgb = stack.pages.ndim == 4 and stack.pages.shape[-1] in (3, 4)
-            tifffile.imwrite(file, data, photometric="rgb" if rgb else "minisblack")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "xb") as file:
+            if suffix in PNG_SUFFIXES:
+                _write_png(file, stack.pages[0])
+            elif suffix in JPEG_SUFFIXES:
+                iio.imwrite(file, stack.pages[0], extension=suffix, quality=95)
+            else:
+                rgb = stack.pages.ndim == 4 and stack.pages.shape[-1] in (3, 4)
+                tifffile.imwrite(file, data, photometric="rgb" if rgb else "minisblack")
+        if not overwrite:
+            try:
+                os.link(tmp, path)  # fails if path appeared meanwhile: never replaces a file
+                return
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: check, then move
+                if path.exists():
+                    raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

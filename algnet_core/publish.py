@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, api: Any = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None, api: Any = None) -> int:
-    """``python -m train.publish DIR --repo-id ID [--dry-run]``."""
+    """``python -m algnet_core.publish DIR --repo-id ID [--dry-run]`` (also ``algnet publish``)."""
     parser = add_arguments(argparse.ArgumentParser(prog="algnet publish", description=__doc__.split("\n")[0]))
     return run(parser.parse_args(argv), api=api)
 

@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_config(args.config, args.overrides)
+    if not args.resume and (Path(cfg.log.out_dir) / "last.pt").exists():
+        parser.error(f"{cfg.log.out_dir}/last.pt exists: pass --resume, or set another log.out_dir")
     trainer = Trainer(cfg)
     if args.resume:
         path = Path(cfg.log.out_dir) / "last.pt" if args.resume == "auto" else Path(args.resume)
@@ -46,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"no checkpoint {path}")
     trainer.fit(until=args.until, minutes=args.minutes)
     if trainer.rank == 0 and cfg.export.dir and trainer.step == cfg.run.steps:
-        logging.info("exported %s", export_checkpoint(Path(cfg.log.out_dir) / "best.pt", cfg.export.dir))
+        logging.info(
+            "exported %s", export_checkpoint(Path(cfg.log.out_dir) / "best.pt", cfg.export.dir, overwrite=True)
+        )
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -257,13 +257,6 @@ class BlurRecipe:
         return out
 
 
-def blur_image(sharp: np.ndarray, kernel: np.ndarray, mode: str = "reflect") -> np.ndarray:
-    """Convolve an (h, w, 3) image with a kernel (true convolution), same size, ``mode`` borders."""
-    p = kernel.shape[0] // 2
-    padded = np.pad(sharp, ((p, p), (p, p), (0, 0)), mode=mode)
-    return blur_valid(padded, kernel)
-
-
 def blur_valid(patch: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """'valid' convolution of an (h, w, 3) patch: (h - k + 1, w - k + 1, 3), no border effects."""
     out = fftconvolve(patch, kernel[:, :, None], mode="valid", axes=(0, 1))

@@ -37,8 +37,8 @@ tags:
 # {name}
 
 ALGNet ({preset} preset, {params:,} parameters) for {task}, trained with the `train/` pipeline of the
-[algnet](https://github.com/algnet/algnet) package (paper: "Aggregating Local and Global Features via
-Selective State Spaces Model for Efficient Image Deblurring", https://doi.org/10.1145/3664647.3681009).
+[algnet](https://github.com/algnet/algnet) package (paper: "Learning Enriched Features via Selective State
+Spaces Model for Efficient Image Deblurring", https://doi.org/10.1145/3664647.3681009).
 
 ## Training data
 
@@ -120,16 +120,20 @@ def model_card(config: dict[str, Any], steps: int, rows: Sequence[dict[str, Any]
     )
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, extra_rows: Sequence[dict[str, Any]] = ()) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, extra_rows: Sequence[dict[str, Any]] = (), overwrite: bool = False
+) -> Path:
     """Write ``config.json``, ``model.safetensors`` and ``README.md`` for a ``best.pt`` checkpoint.
 
     The run's validation result (if any) is the first row of the evaluation table, ``extra_rows``
-    follow. Returns the folder.
+    follow. A non-empty ``out_dir`` is refused unless ``overwrite``. Returns the folder.
     """
+    out_dir = Path(out_dir)
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty: choose a new folder or pass --overwrite")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = ALGNet(**state["model_kwargs"])
     model.load_state_dict(state["model"])
-    out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     rows = []
     if state["metrics"]:
@@ -163,9 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--eval", nargs="*", default=[], metavar="NAME=FILE.json", help="`algnet eval --json` reports or row lists"
     )
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     args = parser.parse_args(argv)
     rows = [row for spec in args.eval for row in eval_rows(spec)]
-    print(export_checkpoint(args.checkpoint, args.out_dir, rows))
+    print(export_checkpoint(args.checkpoint, args.out_dir, rows, overwrite=args.overwrite))
     return 0
 
 
