@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import publish
+from . import hub, publish
 from .hub import REGISTRY, bundled_files, convert_checkpoint, load_model
 from .imageio import IMAGE_SUFFIXES, SAMPLE_IMAGE, read_image, write_image
 from .inference import DEFAULT_OVERLAP, choose_tile, deblur, free_memory, resolve_device
@@ -191,7 +191,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             bundled = "none"
         else:
             weights = bundled_files(entry.bundled)[1]
-            bundled = "UNTRAINED placeholder" if weights.stem != entry.bundled else f"{weights.name}"
+            trained = hub.is_trained(weights)
+            bundled = weights.name if trained else f"UNTRAINED placeholder ({weights.name})"
         print(f"  {name:14} {entry.repo_id}@{entry.revision} ({entry.preset}); bundled: {bundled}")
     print(describe(args.preset))
     return 0

@@ -154,6 +154,11 @@ def _metadata(weights_path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def is_trained(weights_path: Path) -> bool:
+    """Whether a weights file says it is trained (its ``algnet.trained`` metadata), not the placeholder."""
+    return _metadata(weights_path).get(TRAINED_KEY, "true") == "true"
+
+
 def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
@@ -261,7 +266,7 @@ def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None
         raise WeightsError(f"{config} is not the {entry.preset} preset that {name_or_path!r} promises")
     metadata = _metadata(weights) if provenance["source"] == "bundled" else {}
     provenance["description"] = metadata.get(DESCRIPTION_KEY, "")
-    provenance["trained"] = metadata.get(TRAINED_KEY, "true") == "true"
+    provenance["trained"] = provenance["source"] != "bundled" or is_trained(weights)
     model.provenance = provenance
     if not provenance["trained"]:
         log.warning(
