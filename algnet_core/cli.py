@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from . import hub, publish
 from .hub import REGISTRY, bundled_files, convert_checkpoint, load_model
-from .imageio import IMAGE_SUFFIXES, SAMPLE_IMAGE, read_image, write_image
+from .imageio import IMAGE_SUFFIXES, PNG_SUFFIXES, SAMPLE_IMAGE, Stack, read_image, write_image
 from .inference import DEFAULT_OVERLAP, choose_tile, deblur, free_memory, resolve_device
-from .model import PRESETS
+from .metrics import data_range_of, image_metrics
+from .model import PRESETS, ALGNet
 
 
 def _tile(text: str) -> int | str | None:
@@ -75,17 +76,20 @@ def _load(args: argparse.Namespace):
     return model
 
 
-def _deblur_stack(stack, model, args: argparse.Namespace, bar: tqdm) -> np.ndarray:
+def _deblur_stack(stack: Stack, path: Path, model: ALGNet, args: argparse.Namespace, bar: tqdm) -> np.ndarray:
+    """The deblurred pages of ``path``'s stack. A 2-channel PNG is grey + alpha: as for RGBA, the colour is
+    deblurred and the alpha plane passed through untouched."""
+
     def progress(done: int, total: int) -> None:
         bar.total = total
         bar.n = done
         bar.refresh()
 
-    pages = [
-        deblur(page, model, args.tile, args.overlap, precision=args.precision, progress=progress)
-        for page in stack.pages
-    ]
-    return np.stack(pages)
+    def run(page: np.ndarray) -> np.ndarray:
+        return deblur(page, model, args.tile, args.overlap, precision=args.precision, progress=progress)
+
+    grey_alpha = path.suffix.lower() in PNG_SUFFIXES and stack.pages.ndim == 4 and stack.pages.shape[-1] == 2
+    return np.stack([np.dstack([run(p[..., 0]), p[..., 1]]) if grey_alpha else run(p) for p in stack.pages])
 
 
 def cmd_deblur(args: argparse.Namespace) -> int:
@@ -98,24 +102,10 @@ def cmd_deblur(args: argparse.Namespace) -> int:
     with tqdm(total=len(inputs), unit="image", desc="images") as images, tqdm(desc="tiles", leave=False) as bar:
         for source, target in zip(inputs, targets, strict=True):
             stack = read_image(source)
-            write_image(target, stack.with_pages(_deblur_stack(stack, model, args, bar)), args.overwrite)
+            write_image(target, stack.with_pages(_deblur_stack(stack, source, model, args, bar)), args.overwrite)
             images.update()
     print(f"wrote {len(targets)} file(s) to {out_dir}", file=sys.stderr)
     return 0
-
-
-def image_metrics(image: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """PSNR (dB) and SSIM over the image's own data range, and MAE on the 0..1 scale, for one page."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(reference.dtype, 1.0)
-    a, b = image.astype(np.float64), reference.astype(np.float64)
-    channel_axis = -1 if a.ndim == 3 else None
-    return {
-        "psnr": float(peak_signal_noise_ratio(b, a, data_range=peak)),
-        "ssim": float(structural_similarity(b, a, data_range=peak, channel_axis=channel_axis)),
-        "mae": float(np.abs(a - b).mean() / peak),
-    }
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -123,7 +113,11 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Benchmark protocol: metrics of the blurry input and of the restoration vs the sharp image."""
+    """Benchmark protocol: PSNR, SSIM and MAE of the blurry input and of the restoration vs the sharp image.
+
+    The data range is the sharp file's: 255 (8-bit), 65535 (16-bit), 1.0 (floats within [0, 1]), else its
+    max - min (see :mod:`algnet_core.metrics`).
+    """
     blur_dir, sharp_dir = Path(args.blur_dir), Path(args.sharp_dir)
     blurry = collect_inputs([str(blur_dir)])
     missing = [p.name for p in blurry if not (sharp_dir / p.name).is_file()]
@@ -136,9 +130,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             stack, sharp = read_image(path), read_image(sharp_dir / path.name)
             if sharp.pages.shape != stack.pages.shape:
                 raise ValueError(f"{path.name}: blurry {stack.pages.shape} and sharp {sharp.pages.shape} differ")
-            restored = _deblur_stack(stack, model, args, bar)
+            if sharp.pages.dtype != stack.pages.dtype:
+                raise ValueError(f"{path.name}: blurry {stack.pages.dtype} and sharp {sharp.pages.dtype} differ")
+            peak = data_range_of(sharp.pages)
+            restored = _deblur_stack(stack, path, model, args, bar)
             pages = zip(stack.pages, restored, sharp.pages, strict=True)
-            scores = [(image_metrics(b, s), image_metrics(r, s)) for b, r, s in pages]
+            scores = [(image_metrics(b, s, peak), image_metrics(r, s, peak)) for b, r, s in pages]
             results.append(
                 {
                     "image": path.name,

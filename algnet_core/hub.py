@@ -19,6 +19,7 @@ Every load is strict: missing, unexpected or mis-shaped tensors raise, naming th
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -282,17 +283,19 @@ def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None
 
 
 def load_model(model: str | os.PathLike | ALGNet = "motion", device: str | torch.device = "auto") -> ALGNet:
-    """An eval-mode ALGNet on ``device`` from a registered name, folder, Hub repo id or instance.
+    """An ALGNet on ``device`` from a registered name, folder or Hub repo id (eval mode), or an instance.
 
-    An instance stays on its device when ``device="auto"`` and is moved otherwise; it gets a provenance
-    with ``source="instance"`` if it has none.
+    An instance belongs to the caller and is never changed (mode, device, attributes): it is returned as is
+    when ``device`` is ``"auto"`` or its own device, else a copy on ``device`` is returned. Its mode does not
+    matter for inference: ALGNet has no layer that behaves differently in training mode.
     """
     from .inference import resolve_device
 
     if isinstance(model, ALGNet):
-        if not hasattr(model, "provenance"):
-            model.provenance = {"model_id": "ALGNet instance", "revision": None, "source": "instance"}
-        return model.eval() if str(device) == "auto" else model.eval().to(resolve_device(device))
+        if str(device) == "auto":
+            return model
+        target = torch.empty(0, device=resolve_device(device)).device  # "cuda" -> "cuda:0", as parameters say
+        return model if next(model.parameters()).device == target else copy.deepcopy(model).to(target)
     return from_pretrained(model).to(resolve_device(device))
 
 

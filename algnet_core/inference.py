@@ -30,13 +30,14 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .hub import load_model
+from .hub import CONFIG_NAME, WEIGHTS_NAME, load_model
 from .model import MULTIPLE, ALGNet
 
 log = logging.getLogger(__name__)
@@ -101,14 +102,27 @@ def choose_tile(width: int, device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(name: str, device: str) -> ALGNet:
+def _cached_model(name: str, device: str, stamp: tuple) -> ALGNet:
+    """``load_model(name, device)``, cached; ``stamp`` (:func:`weights_stamp`) is only part of the key."""
     return load_model(name, device)
+
+
+def weights_stamp(name: str) -> tuple:
+    """What identifies a local model folder's weights on disk: the resolved path, ``st_mtime_ns`` and size of
+    its config and weights files (empty for a registered name or Hub repo id). Part of the model cache key,
+    so that a folder re-exported in place is loaded afresh."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return ()
+    files = [(folder / n).resolve() for n in (CONFIG_NAME, WEIGHTS_NAME)]
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else (str(f),) for f in files)
 
 
 def _resolve_model(model: str | os.PathLike | ALGNet, device: str | torch.device) -> ALGNet:
     if isinstance(model, ALGNet):
         return load_model(model, device)
-    return _cached_model(os.fspath(model), str(resolve_device(device)))
+    name = os.fspath(model)
+    return _cached_model(name, str(resolve_device(device)), weights_stamp(name))
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -362,11 +376,12 @@ def deblur(
     ``image``: numpy array or torch tensor, HxW or HxWxC, uint8/uint16/float (see the module docs for the
     normalisation and channel rules), or a dask array (returns a lazy dask array, computed chunk by chunk
     with ``map_overlap``; ``progress`` is not called for dask, ``cancel`` is checked in every chunk).
-    ``model``: a registered name, a ``save_pretrained`` folder, a Hub repo id or an ALGNet instance (moved
-    to ``device`` unless that is ``"auto"``). ``tile``: pixels per tile side, ``"auto"`` or None (whole
-    image). ``precision``: ``"auto"`` (float16 autocast on CUDA, float32 elsewhere), ``"float32"``,
-    ``"float16"`` or ``"bfloat16"``. ``progress(done, total)`` is called after each tile; ``cancel()``
-    returning True raises :class:`DeblurCancelled`.
+    ``model``: a registered name, a ``save_pretrained`` folder, a Hub repo id or an ALGNet instance (never
+    changed: used as is, or copied to ``device`` when it is elsewhere). Models loaded by name are cached;
+    a local folder is loaded again when its files change (see :func:`weights_stamp`). ``tile``: pixels per
+    tile side, ``"auto"`` or None (whole image). ``precision``: ``"auto"`` (float16 autocast on CUDA,
+    float32 elsewhere), ``"float32"``, ``"float16"`` or ``"bfloat16"``. ``progress(done, total)`` is called
+    after each tile; ``cancel()`` returning True raises :class:`DeblurCancelled`.
     """
     net = _resolve_model(model, device)
     if type(image).__module__.startswith("dask"):

@@ -8,12 +8,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import png
 import pytest
 import torch
+from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 from algnet_core.cli import main
 from algnet_core.imageio import SAMPLE_IMAGE, Stack, read_image, write_image
+from algnet_core.inference import deblur
 from algnet_core.model import PRESETS, ALGNet
 
 TINY = dict(width=8, middle_blk_num=1, enc_blk_nums=(1, 1, 1, 1), dec_blk_nums=(1, 1, 1, 1))
@@ -150,3 +153,53 @@ def test_convert_command(tmp_path, capsys) -> None:
     torch.save({"params": {"x": torch.zeros(1)}}, tmp_path / "bad.pth")
     assert main(["convert", str(tmp_path / "bad.pth"), "-o", str(tmp_path / "bad")]) == 1
     assert "not a checkpoint of a known ALGNet configuration" in capsys.readouterr().err
+
+
+def test_eval_of_float_images_outside_0_1_uses_the_sharp_images_range(identity_dir, tmp_path) -> None:
+    for folder in ("blur", "sharp"):
+        (tmp_path / folder).mkdir()
+    sharp = (RNG.random((32, 40)) * 900 + 50).astype(np.float32)  # e.g. microscopy counts, 50..950
+    blurry = sharp + RNG.normal(0, 20, sharp.shape).astype(np.float32)
+    write_image(tmp_path / "blur" / "a.tif", Stack(blurry[None], blurry.shape))
+    write_image(tmp_path / "sharp" / "a.tif", Stack(sharp[None], sharp.shape))
+    args = ["eval", str(tmp_path / "blur"), str(tmp_path / "sharp"), "--model", str(identity_dir), "--tile", "none"]
+    assert main([*args, "--json", str(tmp_path / "m.json")]) == 0
+    span = float(sharp.max()) - float(sharp.min())
+    mse = np.mean((blurry.astype(np.float64) - sharp) ** 2)
+    blurry_scores = json.loads((tmp_path / "m.json").read_text())["images"][0]["blurry"]
+    assert blurry_scores["psnr"] == pytest.approx(10 * np.log10(span**2 / mse))  # ~33 dB; with R = 1: -26 dB
+    assert blurry_scores["mae"] == pytest.approx(np.abs(blurry.astype(np.float64) - sharp).mean() / span)
+
+
+def test_deblur_passes_the_alpha_of_grey_alpha_pngs_through_like_rgba(tiny_dir, tmp_path) -> None:
+    grey = (RNG.random((32, 40)) * 255).astype(np.uint8)
+    alpha = np.zeros((32, 40), np.uint8)
+    alpha[8:24, 10:30] = 255  # an opaque box on a transparent background
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in" / "ga.png", Stack(np.dstack([grey, alpha])[None], (32, 40, 2)))
+    assert main(["deblur", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_dir)]) == 0
+    out = read_image(tmp_path / "out" / "ga.png").pages[0]
+    assert out.shape == (32, 40, 2) and np.array_equal(out[..., 1], alpha)  # alpha untouched
+    assert np.array_equal(out[..., 0], deblur(grey, ALGNet.from_pretrained(tiny_dir)))  # grey as a grey image
+    assert not np.array_equal(out[..., 0], grey)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "RGB+tRNS", "I;16"])
+def test_png_pixels_are_those_pypng_decodes(mode, tmp_path) -> None:
+    """8-bit PNGs are read by Pillow (fast), the rest by pypng: both give pypng's direct decoding."""
+    rgb = (RNG.random((20, 30, 3)) * 255).astype(np.uint8)
+    image = {
+        "L": Image.fromarray(rgb[..., 0]),
+        "LA": Image.fromarray(rgb[..., :2].copy()),
+        "RGB": Image.fromarray(rgb),
+        "RGBA": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
+        "P": Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE),
+        "RGB+tRNS": Image.fromarray(rgb),
+        "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257 + 3),
+    }[mode]
+    image.save(tmp_path / "x.png", **({"transparency": tuple(rgb[0, 0].tolist())} if mode == "RGB+tRNS" else {}))
+    width, height, rows, info = png.Reader(filename=str(tmp_path / "x.png")).asDirect()
+    expected = np.vstack([np.asarray(row) for row in rows]).reshape(height, width, info["planes"])
+    expected = expected[..., 0] if info["planes"] == 1 else expected
+    got = read_image(tmp_path / "x.png").pages[0]
+    assert got.shape == expected.shape and np.array_equal(got, expected)

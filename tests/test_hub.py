@@ -116,6 +116,12 @@ def test_save_pretrained_round_trip_gives_identical_outputs(tiny, saved, image) 
         assert torch.equal(loaded(image), tiny(image))
 
 
+def test_load_model_returns_an_instance_unchanged() -> None:
+    model = ALGNet(**TINY).train()
+    assert load_model(model) is model and load_model(model, "cpu") is model
+    assert model.training and not hasattr(model, "provenance")
+
+
 def test_hub_download_then_cache_when_offline(tiny, fake_hub, hub_env, image, monkeypatch) -> None:
     online = ALGNet.from_pretrained("test/tiny")
     assert online.provenance["source"] == "hub"

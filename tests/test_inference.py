@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import dask.array as da
@@ -223,3 +224,27 @@ def test_devices_and_auto_tile(monkeypatch) -> None:
     small = inference.choose_tile(16, cpu)
     assert big % 16 == 0 and small % 16 == 0 and inference.MIN_AUTO_TILE <= small < big <= 1024
     assert big == 16 * (int((inference.CPU_MEMORY_BUDGET / (192 * 16)) ** 0.5) // 16)
+
+
+def test_a_folder_re_exported_in_place_is_loaded_afresh(identity, tiny, tmp_path) -> None:
+    image = INPUTS["uint8 HxWx3"]
+    folder = str(tmp_path / "model")
+    identity.save_pretrained(folder)  # weights A: returns its input
+    size = (tmp_path / "model" / "model.safetensors").stat().st_size
+    assert np.array_equal(deblur(image, folder, tile=None, device="cpu"), image)
+    tiny.save_pretrained(folder)  # weights B, same architecture: only the file times tell them apart
+    assert (tmp_path / "model" / "model.safetensors").stat().st_size == size
+    out = deblur(image, folder, tile=None, device="cpu")
+    assert not np.array_equal(out, image) and np.array_equal(out, deblur(image, tiny, tile=None))
+
+
+def test_deblur_leaves_the_callers_module_as_it_is(tiny) -> None:
+    model = copy.deepcopy(tiny).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    image = INPUTS["uint8 HxWx3"]
+    out = deblur(image, model, tile=None, device="cpu")
+    assert np.array_equal(deblur(image, model, tile=None), out)  # device "auto"
+    assert all(m.training for m in model.modules()) and not hasattr(model, "provenance")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert np.array_equal(out, deblur(image, tiny, tile=None))  # ALGNet computes the same in training mode

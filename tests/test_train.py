@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from algnet_core.imageio import Stack, write_image
 from algnet_core.publish import main as publish_main
 from train import kernels
 from train.benchmark import make_benchmark
@@ -23,6 +24,7 @@ from train.data import (
     dpdd_pairs,
     gopro_pairs,
     paired_folder_pairs,
+    read_image,
     realblur_pairs,
 )
 from train.engine import Trainer
@@ -198,6 +200,22 @@ def _contains(image: np.ndarray, window: np.ndarray) -> bool:
         for y in range(image.shape[0] - h + 1)
         for x in range(image.shape[1] - w + 1)
     )
+
+
+def test_read_image_keeps_16_bit_precision_and_reads_every_training_format(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    rgb16 = rng.integers(0, 65536, size=(12, 20, 3), dtype=np.uint16)
+    grey16 = rng.integers(0, 65536, size=(12, 20), dtype=np.uint16)
+    write_image(tmp_path / "rgb16.png", Stack(rgb16[None], rgb16.shape))
+    write_image(tmp_path / "grey16.png", Stack(grey16[None], grey16.shape))
+    got = read_image(tmp_path / "rgb16.png")
+    assert got.dtype == np.float32 and np.array_equal(got, rgb16.astype(np.float32) / 65535)
+    assert len(np.unique(got)) > 256  # not reduced to 8 bits (a max error of 1/255 before)
+    assert np.array_equal(read_image(tmp_path / "grey16.png"), np.repeat(grey16[..., None], 3, 2) / np.float32(65535))
+    rgba8 = rng.integers(0, 256, size=(12, 20, 4), dtype=np.uint8)
+    for name in ("rgba8.png", "rgb8.bmp"):
+        Image.fromarray(rgba8 if name.endswith("png") else rgba8[..., :3]).save(tmp_path / name)
+        assert np.array_equal(read_image(tmp_path / name), rgba8[..., :3] / np.float32(255))  # alpha dropped
 
 
 def test_dataset_layouts_find_their_pairs(tmp_path: Path) -> None:

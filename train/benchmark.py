@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from algnet_core import metrics
 
 from .data import blur_valid, list_images, read_image
 from .kernels import centre, disk_kernel
@@ -51,11 +52,6 @@ def _kernels(kind: str, kernels_file: Path) -> list[tuple[str, np.ndarray]]:
 def _png(arr: np.ndarray, path: Path) -> str:
     Image.fromarray(arr).save(path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 10 * math.log10(255.0**2 / mse)
 
 
 def make_benchmark(
@@ -94,7 +90,7 @@ def make_benchmark(
                 "source": path.name,
                 "kernel": tag,
                 "size": list(sharp.shape[:2]),
-                "psnr_blurry": round(_psnr(blurred, sharp), 4),
+                "psnr_blurry": round(metrics.psnr(blurred, sharp), 4),
                 "sha256_blur": _png(blurred, out_dir / "blur" / name),
                 "sha256_sharp": _png(sharp, out_dir / "sharp" / name),
             }

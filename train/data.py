@@ -28,19 +28,28 @@ from PIL import Image
 from scipy.signal import fftconvolve
 from torch.utils.data import Dataset, Sampler
 
+from algnet_core import imageio
+
 from . import kernels
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = tuple(sorted(imageio.IMAGE_SUFFIXES | imageio.READ_ONLY_SUFFIXES))
 Key = int | tuple[int, int]
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file as a float32 (h, w, 3) array in 0..1 (greyscale is repeated, alpha dropped)."""
-    with Image.open(path) as img:
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float32) / 65535.0
-            return np.repeat(arr[..., None], 3, axis=2)
-        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    """An image file as a float32 (h, w, 3) array in 0..1, read by :func:`algnet_core.imageio.read_image`.
+
+    Unsigned integers are divided by their dtype's maximum (255, or 65535: 16-bit files keep their
+    precision), floats are taken as 0..1. Greyscale is repeated, alpha dropped, a TIFF stack's first page used.
+    """
+    page = imageio.read_image(path).pages[0]
+    page = page[..., None] if page.ndim == 2 else page
+    rgb = page[..., :3] if page.shape[2] >= 3 else np.repeat(page[..., :1], 3, axis=2)
+    if rgb.dtype.kind == "u":
+        return rgb.astype(np.float32) / np.iinfo(rgb.dtype).max
+    if rgb.dtype.kind == "f":
+        return rgb.astype(np.float32)
+    raise TypeError(f"{path}: {rgb.dtype} images are not supported; use 8- or 16-bit or float files")
 
 
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:

@@ -27,13 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from skimage.metrics import structural_similarity
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from algnet_core import ALGNet
+from algnet_core import ALGNet, metrics
 
 from .config import Config
 from .data import EpochSampler, Flips, build_dataset
@@ -59,16 +58,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def psnr(pred: Tensor, target: Tensor) -> float:
-    """PSNR in dB of images in 0..1 (mean over the whole tensor)."""
-    mse = torch.mean((pred.double() - target.double()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def ssim(pred: Tensor, target: Tensor) -> float:
-    """SSIM (skimage, Gaussian-free 7x7 windows, data range 1) of two (3, h, w) images."""
-    a, b = (t.permute(1, 2, 0).double().cpu().numpy() for t in (pred, target))
-    return float(structural_similarity(a, b, channel_axis=2, data_range=1.0))
+def _hwc(image: Tensor) -> np.ndarray:
+    """A (3, h, w) tensor as an (h, w, 3) float64 array, for :mod:`algnet_core.metrics`."""
+    return image.permute(1, 2, 0).double().cpu().numpy()
 
 
 class EMA:
@@ -249,11 +241,11 @@ class Trainer:
             blur, sharp = self.val_set[i]
             with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)):
                 out = model(blur[None].to(self.device))
-            out = out.float().clamp(0, 1)[0].cpu()
-            sums["psnr"] += psnr(out, sharp)
-            sums["ssim"] += ssim(out, sharp)
-            sums["psnr_blurry"] += psnr(blur, sharp)
-            sums["ssim_blurry"] += ssim(blur, sharp)
+            out, blur, sharp = (_hwc(t) for t in (out.float().clamp(0, 1)[0], blur, sharp))
+            sums["psnr"] += metrics.psnr(out, sharp, data_range=1.0)
+            sums["ssim"] += metrics.ssim(out, sharp, data_range=1.0)
+            sums["psnr_blurry"] += metrics.psnr(blur, sharp, data_range=1.0)
+            sums["ssim_blurry"] += metrics.ssim(blur, sharp, data_range=1.0)
         return {k: v / len(self.val_set) for k, v in sums.items()} | {"images": len(self.val_set)}
 
     # ----------------------------------------------------------------------------------- the loop

@@ -91,7 +91,7 @@ def deblur_layer(
     translate = np.asarray(layer.translate, dtype=float)
     if plane is not None:  # the one-plane output sits where that plane is in the world
         translate[: len(lead)] += np.asarray(plane) * np.asarray(layer.scale)[: len(lead)]
-    provenance = getattr(net, "provenance", {})
+    provenance = getattr(net, "provenance", {"model_id": "ALGNet instance", "source": "instance"})
     metadata = {
         "model_id": provenance.get("model_id"),
         "revision": provenance.get("revision"),
