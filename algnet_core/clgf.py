@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import layer_norm_channels
 from .mamba import Mamba
 
 
@@ -24,16 +25,17 @@ class GlobalBranch(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(channels)  # eps 1e-5 (the official code), not LayerNorm2d's 1e-6
+        # nn.LayerNorm's parameters and eps 1e-5 (the official code), applied over the channels of the map
+        self.norm = nn.LayerNorm(channels)
         self.mamba = Mamba(channels, d_state=32, d_conv=4, expand=2)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2)  # (b, h*w, c); token t = i*w + j
+        tokens = x.flatten(2)  # (b, c, h*w), channel-major as Mamba takes it; token t = i*w + j
         tokens = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
         with _autocast_off(x.device.type):
-            out = self.mamba(self.norm(tokens))
-        return out.transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
+            out = self.mamba(layer_norm_channels(tokens, self.norm.weight, self.norm.bias, self.norm.eps))
+        return out.reshape(b, c, h, w).to(x.dtype)
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:

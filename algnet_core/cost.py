@@ -65,8 +65,9 @@ def count_cost(config: dict, height: int = 256, width: int = 256) -> Cost:
     ops = counts["Global"]
     aten = torch.ops.aten
     conv = ops.get(aten.convolution, 0)
-    # The only batched matmul (bmm) in the network is the scan's C readout, already in scan_elements.
-    matmul = ops.get(aten.mm, 0) + ops.get(aten.addmm, 0)
+    # Matrix products: Mamba's projections (bmm) and any Linear. The chunked scan that runs on the meta
+    # device also reads its states out with a bmm of one MAC per scan element: counted in scan_flops.
+    matmul = ops.get(aten.mm, 0) + ops.get(aten.addmm, 0) + ops.get(aten.bmm, 0) - 2 * scan_elements
     mamba_conv = sum(c.get(aten.convolution, 0) for name, c in counts.items() if name.endswith(".mamba"))
     return Cost(
         params=sum(p.numel() for p in model.parameters()),

@@ -16,10 +16,15 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        mu = x.mean(1, keepdim=True)
-        var = (x - mu).pow(2).mean(1, keepdim=True)
-        y = (x - mu) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * y + self.bias[:, None, None]
+        return layer_norm_channels(x, self.weight, self.bias, self.eps)
+
+
+def layer_norm_channels(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over dim 1 of a channel-major (batch, channels, ...) tensor, without transposing it."""
+    centred = x - x.mean(1, keepdim=True)  # two passes: torch.var_mean over dim 1 is ~5x slower on CPU
+    var = (centred * centred).mean(1, keepdim=True)
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    return torch.addcmul(bias.view(shape), centred * torch.rsqrt(var + eps), weight.view(shape))
 
 
 class SimpleGate(nn.Module):

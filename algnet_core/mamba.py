@@ -19,7 +19,8 @@ from .scan import selective_scan
 class Mamba(nn.Module):
     """Selective state-space block (Gu & Dao, 2023): in_proj -> causal conv + SiLU -> S6 -> gate -> out_proj.
 
-    Input and output are token sequences (batch, L, d_model).
+    Input and output are channel-major token sequences (batch, d_model, L): the layout of the causal conv
+    and of the scan, so the projections are matmuls ``W @ x`` and no activation is ever transposed.
     """
 
     def __init__(
@@ -53,21 +54,30 @@ class Mamba(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def forward(self, hidden: Tensor) -> Tensor:
-        length = hidden.shape[1]
-        xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2*d_inner, L)
+        length = hidden.shape[-1]
+        xz = _project(self.in_proj.weight, hidden)  # (b, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         x = F.silu(self.conv1d(x)[..., :length])  # causal depthwise conv: keep the first L outputs
-        dt_low, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt_low, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L); bias goes to the scan
+        dt_low, B, C = _project(self.x_proj.weight, x).split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = _project(self.dt_proj.weight, dt_low)  # (b, d_inner, L); the bias goes to the scan
         y = selective_scan(
             x,
             delta,
             -torch.exp(self.A_log.float()),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
+            B,
+            C,
             D=self.D.float(),
             z=z,
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
         )
-        return self.out_proj(y.transpose(1, 2))
+        return _project(self.out_proj.weight, y)  # (b, d_model, L)
+
+
+def _project(weight: Tensor, x: Tensor) -> Tensor:
+    """``weight @ x`` for channel-major x: (out, in) @ (b, in, L) -> (b, out, L), one batched matmul.
+
+    ``torch.matmul`` would fold the batch into a transposed matmul and copy the result back (for weights
+    that require grad), which costs as much as the matmul itself.
+    """
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)

@@ -15,9 +15,11 @@ Backends (pick one with ``backend=`` or the ``ALGNET_SCAN_BACKEND`` environment 
   inside a chunk the recurrence is a log-depth (Hillis-Steele) scan of affine maps, and only the
   (batch, d_inner, d_state) state crosses chunk borders, so memory is bounded by the chunk, not by L.
   With gradients each chunk is recomputed in the backward pass (activation checkpointing).
-* ``cpu`` - compiled CPU kernels (numba, ``scan_cpu.py``), forward and backward; the default on CPU when
-  numba is installed.
+* ``cpu`` - compiled CPU kernels (numba, ``scan_cpu.py``) that fuse the step sizes, skip and gate into the
+  scan, forward and backward; the default on CPU when numba is installed.
 * ``mamba_ssm`` - the official CUDA kernel, when the ``mamba_ssm`` package imports and tensors are on CUDA.
+* ``triton`` - a fused Triton kernel for CUDA without ``mamba_ssm`` (``scan_triton.py``). UNVERIFIED on a
+  GPU (tested only in Triton's CPU interpreter), so never chosen automatically: ask for it by name.
 
 Like ``selective_scan_ref``, the scan itself runs in float32 (float64 when given float64) and the result
 is cast back to the dtype of ``u``.
@@ -153,9 +155,15 @@ def _run_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def _run_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False) -> Tensor:
     from .scan_cpu import selective_scan_cpu
 
-    out_dtype = u.dtype
-    u, delta, A, B, C = _discretisation_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
-    return _skip_and_gate(selective_scan_cpu(u, delta, A, B, C), u, D, z, out_dtype)
+    dtype = _compute_dtype(u)
+    args = (None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias))
+    return selective_scan_cpu(*args, delta_softplus).to(u.dtype)
+
+
+def _run_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False) -> Tensor:
+    from .scan_triton import selective_scan_triton
+
+    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def _everywhere(device: torch.device) -> str | None:
@@ -167,6 +175,14 @@ def _mamba_ssm_unavailable(device: torch.device) -> str | None:
         return f"mamba_ssm's kernel runs on CUDA tensors only (got {device.type})"
     if importlib.util.find_spec("mamba_ssm") is None:
         return "the mamba_ssm package is not installed (pip install 'algnet[cuda]')"
+    return None
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the Triton kernel runs on CUDA tensors only (got {device.type})"
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (it comes with CUDA builds of torch)"
     return None
 
 
@@ -185,10 +201,14 @@ BACKENDS: dict[str, ScanBackend] = {
         ScanBackend("chunked", _run_chunked, _everywhere),
         ScanBackend("cpu", _run_cpu, _cpu_unavailable),
         ScanBackend("mamba_ssm", _run_mamba_ssm, _mamba_ssm_unavailable),
+        ScanBackend("triton", _run_triton, _triton_unavailable),
     )
 }
 AUTO_ORDER: list[str] = ["mamba_ssm", "cpu", "chunked"]
-"""Backends tried in this order when none is asked for; the first that can run is used."""
+"""Backends tried in this order when none is asked for; the first that can run is used. ``triton`` is not
+among them until it has been verified on a GPU."""
+UNVERIFIED = {"triton"}
+"""Backends whose kernels have not yet run on the hardware they target; using one logs a warning."""
 
 _announced: set[tuple[str, str]] = set()
 
@@ -227,4 +247,6 @@ def selective_scan(
     if (name, u.device.type) not in _announced:
         _announced.add((name, u.device.type))
         log.info("selective scan: backend %r on %s", name, u.device.type)
+        if name in UNVERIFIED:
+            log.warning("selective-scan backend %r has not been verified on a GPU yet; check its output", name)
     return BACKENDS[name].run(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

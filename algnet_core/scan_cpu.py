@@ -1,16 +1,23 @@
 """Compiled CPU kernels (numba) for the selective scan: the ``cpu`` backend of :mod:`algnet_core.scan`.
 
-The recurrence is the one of ``scan.py``; the work is split over (batch, group of channels) items run in
-parallel, and every item walks the sequence in chunks of ``TIME_CHUNK`` steps so that the chunk of ``B``
-and ``C`` (transposed into a small buffer, shared by the channels of the group) stays in cache. The loop
-over the state dimension is vectorised by LLVM: ``exp`` in float32 is a Cody-Waite range reduction
-``2**k * p(r)`` with a degree-7 polynomial (relative error < 3e-7), written so that it vectorises (libm's
-``expf`` does not); float64 uses libm's ``exp``.
+One kernel does the whole op of ``selective_scan_fn``: step sizes ``softplus(delta + delta_bias)``, the
+recurrence, the skip ``+ D * u`` and the gate ``* silu(z)``, so that no (batch, d_inner, L) intermediate
+passes through memory. The work is split over (batch, group of channels) items run in parallel, and every
+item walks the sequence in chunks of ``TIME_CHUNK`` steps so that the chunk of ``B`` and ``C`` (transposed
+into a small buffer, shared by the channels of the group) stays in cache.
+
+The loops over the state dimension and over a chunk's steps are vectorised by LLVM. In float32 the
+exponentials are ``2**x = 2**k * p(x - k)`` with ``A`` pre-scaled by log2(e), a degree-5 polynomial whose
+constant term is exact (relative error < 3e-7, and exact as ``x -> 0``, where decays near 1 compound over
+many steps), and ``log1p`` for the softplus is an atanh series; libm's ``expf``/``log1pf`` would not
+vectorise. float64 uses libm.
 
 The backward pass keeps the state at every chunk start in the forward pass, recomputes the chunk's states
 from it and runs the adjoint recurrence backwards in time::
 
     g[t] = C[:, t] * dy[t] + exp(delta[t+1] * A) * g[t+1]
+
+The gradients of the step-size, skip and gate epilogues are elementwise and computed with torch.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import threading
 import numba
 import numpy as np
 import torch
+import torch.nn.functional as F
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
@@ -33,18 +41,17 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 """Problems with fewer (position, channel, state) elements than this run single-threaded."""
 
 _F32 = np.float32
-_LOG2E = _F32(1.4426950408889634)
-_LN2_HI = _F32(0.693359375)
-_LN2_LO = _F32(-2.12194440e-4)
-# exp(-42) ~ 5.7e-19 is the smallest decay used (as scan.DECAY_FLOOR): it keeps decay * state normal
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# 2**-60 ~ 8.7e-19 is the smallest decay used (as scan.DECAY_FLOOR): it keeps decay * state normal
 # (subnormal arithmetic is ~100x slower) at an error far below float32 rounding of the state.
-_EXP_MIN = _F32(-42.0)
-_EXP_MAX = _F32(89.0)  # beyond exp(88.7) = inf: here 2**k is inf, no wrapped exponent bits
-_HALF = _F32(0.5)
-_ONE = _F32(1.0)
-# the polynomial of Cephes' expf: exp(r) ~ 1 + r + r**2 * P(r) on |r| <= ln(2) / 2
-_P0, _P1, _P2 = _F32(1.9875691500e-4), _F32(1.3981999507e-3), _F32(8.3334519073e-3)
-_P3, _P4, _P5 = _F32(4.1665795894e-2), _F32(1.6666665459e-1), _F32(5.0000001201e-1)
+_EXP2_MIN = _F32(-60.0)
+_EXP2_MAX = _F32(128.0)  # 2**128 = inf: overflow gives inf (as expf), never wrapped exponent bits
+_HALF, _ONE, _TWO = _F32(0.5), _F32(1.0), _F32(2.0)
+# 2**r ~ 1 + r * q(r) on |r| <= 1/2: q is a degree-4 fit of (2**r - 1) / r weighted for relative error
+_Q0, _Q1, _Q2 = _F32(0.69314694), _F32(0.24022318), _F32(0.05550834)
+_Q3, _Q4 = _F32(0.00966675), _F32(0.0013217)
+_LOG2E_F32 = _F32(_LOG2E)
 
 # LLVM fast-math without "no NaNs / no infinities": reductions may be reordered and multiply-adds fused,
 # but a NaN or infinity in the inputs still reaches the output, as in the reference.
@@ -67,25 +74,57 @@ def _int_bits_as_float32(typingctx, bits):
     return types.float32(bits), codegen
 
 
-def _exp(x):
-    """``exp`` that vectorises for float32 inside the kernels (numba overload below)."""
-    return math.exp(x)
+def _exp2(x):
+    """``2**x``, vectorisable for float32 inside the kernels (numba overload below)."""
+    return math.exp(x * _LN2)
 
 
-@overload(_exp, inline="always", fastmath=_FASTMATH)
-def _exp_overload(x):
+@overload(_exp2, inline="always", fastmath=_FASTMATH)
+def _exp2_overload(x):
     if x == types.float32:
 
-        def exp32(x):
-            x = min(max(x, _EXP_MIN), _EXP_MAX)
-            k = np.floor(x * _LOG2E + _HALF)
-            r = x - k * _LN2_HI - k * _LN2_LO
-            p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
-            p = p * r * r + r + _ONE
+        def exp2_32(x):
+            x = min(max(x, _EXP2_MIN), _EXP2_MAX)
+            k = np.floor(x + _HALF)
+            r = x - k
+            p = _ONE + r * ((((_Q4 * r + _Q3) * r + _Q2) * r + _Q1) * r + _Q0)
             return p * _int_bits_as_float32((np.int32(k) + 127) << 23)
 
-        return exp32
-    return lambda x: math.exp(x)
+        return exp2_32
+    return lambda x: math.exp(x * _LN2)
+
+
+def _softplus(x):
+    """``log(1 + exp(x))``, vectorisable for float32 inside the kernels (numba overload below)."""
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+@overload(_softplus, inline="always", fastmath=_FASTMATH)
+def _softplus_overload(x):
+    if x == types.float32:
+
+        def softplus32(x):
+            v = _exp2(-abs(x) * _LOG2E_F32)  # (0, 1]
+            s = v / (v + _TWO)  # log1p(v) = 2 atanh(s), s in (0, 1/3]: the series below is exact to 5e-9
+            s2 = s * s
+            series = ((_F32(1 / 13) * s2 + _F32(1 / 11)) * s2 + _F32(1 / 9)) * s2 + _F32(1 / 7)
+            series = ((series * s2 + _F32(1 / 5)) * s2 + _F32(1 / 3)) * s2 + _ONE
+            return max(x, _F32(0)) + _TWO * s * series
+
+        return softplus32
+    return lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def _silu(z):
+    """``z * sigmoid(z)``, vectorisable for float32 inside the kernels (numba overload below)."""
+    return z / (1.0 + math.exp(-z))
+
+
+@overload(_silu, inline="always", fastmath=_FASTMATH)
+def _silu_overload(z):
+    if z == types.float32:
+        return lambda z: z / (_ONE + _exp2(-z * _LOG2E_F32))
+    return lambda z: z / (1.0 + math.exp(-z))
 
 
 @njit(fastmath=_FASTMATH, cache=True)
@@ -97,47 +136,68 @@ def _load_transposed(src, b, t0, t1, dst):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _forward_kernel(u, delta, A, B, C, y, starts, n_groups, chunk):
-    """y[b, d, t] = sum_n C[b, n, t] s[b, d, n](t); stores the state before each chunk in ``starts``
-    (batch, d_inner, n_chunks, d_state) when it has n_chunks > 0."""
+def _forward_kernel(u, delta, delta_bias, softplus, A2, B, C, D, z, y, ungated, starts, n_groups, chunk):
+    """The fused op, ``y = (scan + D * u) * silu(z)``, with A2 = A * log2(e). Arrays of size 0 stand for
+    absent inputs (``delta_bias``, ``D``, ``z``) and outputs: ``ungated`` receives ``scan + D * u`` and
+    ``starts`` (batch, d_inner, n_chunks, d_state) the state before each chunk, for the backward pass."""
     batch, d_inner, length = u.shape
-    d_state = A.shape[1]
+    d_state = A2.shape[1]
     size = (d_inner + n_groups - 1) // n_groups
-    save = starts.shape[2] > 0
-    zero = A.dtype.type(0)
+    has_bias, has_d, gate = delta_bias.shape[0] > 0, D.shape[0] > 0, z.shape[2] > 0
+    keep, save = ungated.shape[2] > 0, starts.shape[2] > 0
+    zero = A2.dtype.type(0)
     for item in prange(batch * n_groups):
         b = item // n_groups
         d0 = (item % n_groups) * size
         d1 = min(d_inner, d0 + size)
-        state = np.zeros((max(d1 - d0, 0), d_state), dtype=A.dtype)
-        Bt = np.empty((chunk, d_state), dtype=A.dtype)
-        Ct = np.empty((chunk, d_state), dtype=A.dtype)
+        state = np.zeros((max(d1 - d0, 0), d_state), dtype=A2.dtype)
+        Bt = np.empty((chunk, d_state), dtype=A2.dtype)
+        Ct = np.empty((chunk, d_state), dtype=A2.dtype)
+        steps = np.empty(chunk, dtype=A2.dtype)
+        out = np.empty(chunk, dtype=A2.dtype)
         for t0 in range(0, length, chunk):
             t1 = min(length, t0 + chunk)
             _load_transposed(B, b, t0, t1, Bt)
             _load_transposed(C, b, t0, t1, Ct)
             for d in range(d0, d1):
                 s = state[d - d0]
-                a = A[d]
+                a = A2[d]
                 if save:
                     starts[b, d, t0 // chunk] = s
-                for t in range(t0, t1):
-                    dt = delta[b, d, t]
-                    du = dt * u[b, d, t]
-                    bt = Bt[t - t0]
-                    ct = Ct[t - t0]
+                bias = delta_bias[d] if has_bias else zero
+                for i in range(t1 - t0):
+                    steps[i] = delta[b, d, t0 + i] + bias
+                if softplus:
+                    for i in range(t1 - t0):
+                        steps[i] = _softplus(steps[i])
+                for i in range(t1 - t0):
+                    dt = steps[i]
+                    du = dt * u[b, d, t0 + i]
+                    bt = Bt[i]
+                    ct = Ct[i]
                     acc = zero
                     for n in range(d_state):
-                        sn = _exp(dt * a[n]) * s[n] + du * bt[n]
+                        sn = _exp2(dt * a[n]) * s[n] + du * bt[n]
                         s[n] = sn
                         acc += sn * ct[n]
-                    y[b, d, t] = acc
+                    out[i] = acc
+                if has_d:
+                    skip = D[d]
+                    for i in range(t1 - t0):
+                        out[i] += skip * u[b, d, t0 + i]
+                if keep:
+                    ungated[b, d, t0:t1] = out[: t1 - t0]
+                if gate:
+                    for i in range(t1 - t0):
+                        out[i] *= _silu(z[b, d, t0 + i])
+                y[b, d, t0:t1] = out[: t1 - t0]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _backward_kernel(u, delta, A, B, C, dy, starts, n_groups, chunk, du, ddelta, dA, dB, dC):
-    """Gradients of sum(y * dy). du, ddelta: (batch, d_inner, L); dA: per batch (batch, d_inner, d_state);
-    dB, dC: per channel group (n_groups, batch, d_state, L). ``starts`` as saved by the forward kernel."""
+def _backward_kernel(u, delta, A, A2, B, C, dy, starts, n_groups, chunk, du, ddelta, dA, dB, dC):
+    """Gradients of sum(y * dy) for the bare recurrence y = scan (``delta``: the step sizes, A2 = A *
+    log2(e)). du, ddelta: (batch, d_inner, L); dA: per batch (batch, d_inner, d_state); dB, dC: per channel
+    group (n_groups, batch, d_state, L). ``starts`` as saved by the forward kernel."""
     batch, d_inner, length = u.shape
     d_state = A.shape[1]
     size = (d_inner + n_groups - 1) // n_groups
@@ -162,14 +222,14 @@ def _backward_kernel(u, delta, A, B, C, dy, starts, n_groups, chunk, du, ddelta,
             dBt[:] = 0
             dCt[:] = 0
             for d in range(d0, d1):
-                a = A[d]
+                a, a2 = A[d], A2[d]
                 states[0] = starts[b, d, c]
                 for t in range(t0, t1):
                     i = t - t0
                     dt = delta[b, d, t]
                     du_t = dt * u[b, d, t]
                     for n in range(d_state):
-                        e = _exp(dt * a[n])
+                        e = _exp2(dt * a2[n])
                         decay[i, n] = e
                         states[i + 1, n] = e * states[i, n] + du_t * Bt[i, n]
                 g_next = carry[d - d0]
@@ -210,47 +270,93 @@ def _launch(batch: int, d_inner: int, length: int, d_state: int) -> int:
     return max(1, min(d_inner, -(-threads // batch)))
 
 
-def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, save_states: bool) -> tuple[Tensor, Tensor]:
+def _forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    softplus: bool,
+    for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the fused forward kernel: y, plus (for the backward pass) ``scan + D * u`` and the chunk states."""
     batch, d_inner, length = u.shape
-    n_chunks = -(-length // TIME_CHUNK) if save_states else 0
+    d_state = A.shape[1]
     y = u.new_empty(batch, d_inner, length)
-    starts = u.new_empty(batch, d_inner, n_chunks, A.shape[1])
-    arrays = [t.detach().numpy() for t in (u, delta, A, B, C, y, starts)]
+    ungated = u.new_empty(batch, d_inner, length) if for_backward and z is not None else u.new_empty(0, 0, 0)
+    starts = u.new_empty(batch, d_inner, -(-length // TIME_CHUNK) if for_backward else 0, d_state)
+    absent = {1: u.new_empty(0), 3: u.new_empty(0, 0, 0)}
+    bias, skip, gate = (absent[n] if t is None else t for t, n in ((delta_bias, 1), (D, 1), (z, 3)))
+    arrays = [t.detach().numpy() for t in (u, delta, bias)]
+    arrays += [softplus] + [t.detach().numpy() for t in (A * _LOG2E, B, C, skip, gate, y, ungated, starts)]
     with _LOCK:
-        _forward_kernel(*arrays, _launch(batch, d_inner, length, A.shape[1]), TIME_CHUNK)
-    return y, starts
+        _forward_kernel(*arrays, _launch(batch, d_inner, length, d_state), TIME_CHUNK)
+    return y, ungated, starts
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """The scan without skip and gate: (u, delta, A, B, C) -> y, with the kernels' exact backward."""
+    """``selective_scan_fn``'s op with the forward kernel and an exact backward (kernel + torch epilogues)."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-        y, starts = _forward(u, delta, A, B, C, save_states=True)
-        ctx.save_for_backward(u, delta, A, B, C, starts)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):  # noqa: ANN001, ANN205
+        y, ungated, starts = _forward(u, delta, A, B, C, D, z, delta_bias, softplus, for_backward=True)
+        ctx.softplus = softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ungated, starts)
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        u, delta, A, B, C, starts = ctx.saved_tensors
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        u, delta, A, B, C, D, z, delta_bias, ungated, starts = ctx.saved_tensors
         batch, d_inner, length = u.shape
         d_state = A.shape[1]
+        dy = dy.to(u.dtype)
+        raw = delta if delta_bias is None else delta + delta_bias[:, None]
+        steps = F.softplus(raw) if ctx.softplus else raw
+        dz = None
+        if z is not None:  # y = ungated * silu(z)
+            sig = torch.sigmoid(z)
+            dz = dy * ungated * sig * (1 + z * (1 - sig))
+            dy = dy * z * sig
         groups = _launch(batch, d_inner, length, d_state)
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        du, dsteps = torch.empty_like(u), torch.empty_like(u)
         dA = u.new_zeros(batch, d_inner, d_state)
         dB = u.new_empty(groups, batch, d_state, length)
         dC = u.new_empty(groups, batch, d_state, length)
-        arrays = [t.detach().numpy() for t in (u, delta, A, B, C, dy.to(u.dtype).contiguous(), starts)]
+        arrays = [t.detach().numpy() for t in (u, steps, A, A * _LOG2E, B, C, dy.contiguous(), starts)]
         with _LOCK:
-            _backward_kernel(*arrays, groups, TIME_CHUNK, *(t.numpy() for t in (du, ddelta, dA, dB, dC)))
-        return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0)
+            _backward_kernel(*arrays, groups, TIME_CHUNK, *(t.numpy() for t in (du, dsteps, dA, dB, dC)))
+        dD = None
+        if D is not None:  # ungated = scan + D * u
+            dD = (dy * u).sum((0, 2))
+            du += dy * D[:, None]
+        ddelta = dsteps * torch.sigmoid(raw) if ctx.softplus else dsteps
+        dbias = None if delta_bias is None else ddelta.sum((0, 2))
+        return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD, dz, dbias, None
 
 
-def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """The scan of CPU tensors in their (float32 or float64) dtype, differentiable. u, delta: (batch,
-    d_inner, L), A: (d_inner, d_state), B, C: (batch, d_state, L); delta already biased and softplus-ed."""
+def selective_scan_cpu(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """``selective_scan_fn`` on CPU tensors that share one dtype (float32 or float64), differentiable.
+
+    u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L); D, delta_bias:
+    (d_inner,). Returns ``(scan + D * u) * silu(z)`` with step sizes ``softplus(delta + delta_bias)``.
+    """
     u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C)):
-        return _SelectiveScan.apply(u, delta, A, B, C)
-    return _forward(u, delta, A, B, C, save_states=False)[0]
+    D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, for_backward=False)[0]

@@ -83,7 +83,7 @@ def _roofline_seconds(length: int, repeats: int) -> float:
     import numpy as np
     from numba import njit, prange
 
-    from algnet_core.scan_cpu import _exp
+    from algnet_core.scan_cpu import _exp2
 
     @njit(parallel=True, fastmath=True)
     def exp_mul_add(delta, A, Bt, out):
@@ -94,7 +94,7 @@ def _roofline_seconds(length: int, repeats: int) -> float:
                 bt = Bt[t % Bt.shape[0]]
                 acc = np.float32(0)
                 for n in range(a.shape[0]):
-                    acc += _exp(dt * a[n]) * bt[n] + dt
+                    acc += _exp2(dt * a[n]) * bt[n] + dt
                 out[d, t] = acc
 
     rng = np.random.default_rng(0)

@@ -127,7 +127,7 @@ def test_deblur_node_runs_every_image_of_an_odd_sized_batch(tiny_model: ALGNet) 
     with torch.no_grad():
         expected = torch.cat([tiny_model(one.movedim(-1, 1).contiguous()) for one in image.split(1)])
         expected = expected.clamp(0, 1).movedim(1, -1)
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)  # a batch of 2 may sum in another order
 
 
 def test_deblur_node_tiles_large_images_to_full_size(tiny_model: ALGNet) -> None:

@@ -132,7 +132,8 @@ def test_cpu_gradients_match_chunked_float32():
 
 def test_cpu_backward_refuses_double_backward():
     x = {k: v.requires_grad_() for k, v in _inputs(1, 2, 2, 5, dtype=torch.float64).items()}
+    weights = torch.rand(1, 2, 5, dtype=torch.float64, requires_grad=True)  # a differentiable output grad
     y = selective_scan(**x, backend="cpu")
-    (grad_u,) = torch.autograd.grad(y.sum(), x["u"], create_graph=True)
+    (grad_u,) = torch.autograd.grad((y * weights).sum(), x["u"], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
         grad_u.sum().backward()
