@@ -1,11 +1,12 @@
-"""Inference benchmark: seconds and peak RSS to deblur a 1280x720 RGB image on this machine's CPU.
+"""Inference benchmark: seconds and peak RSS to deblur a 1280x720 and a 4K RGB image on this machine's CPU.
 
 Each configuration (untiled, and one row per tile size) runs in a fresh subprocess, so its peak resident
 memory (``ru_maxrss``) is its own. The model is ALGNet-S (the bundled default's architecture) with its
 bundled weights; speed and memory do not depend on the weight values.
 
-    python bench/inference.py            # 1280x720: untiled, tiles 256, 512 and auto
+    python bench/inference.py            # 1280x720: untiled, tiles 256, 512 and auto; 3840x2160: auto
     python bench/inference.py --quick    # 640x360: tile 256 and auto only
+    python bench/inference.py --json out.json
 """
 
 from __future__ import annotations
@@ -44,21 +45,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="640x360, tile 256 and auto only")
     parser.add_argument("--tiles", nargs="*", help="tile sizes to run ('none' = untiled, 'auto')")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--child", nargs=3, metavar=("H", "W", "TILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         h, w, tile = args.child
         print(json.dumps(run_one(int(h), int(w), tile, args.threads)))
         return
-    height, width = (360, 640) if args.quick else (720, 1280)
-    tiles = args.tiles or (["256", "auto"] if args.quick else ["none", "256", "512", "auto"])
-    print(f"{height}x{width} RGB, ALGNet-S, CPU, {args.threads} threads")
-    print(f"{'tile':>10} {'seconds':>9} {'peak RSS MiB':>13} {'after load MiB':>15}")
-    for tile in tiles:
+    if args.quick:
+        cases = [(360, 640, tile) for tile in args.tiles or ["256", "auto"]]
+    else:
+        cases = [(720, 1280, tile) for tile in args.tiles or ["none", "256", "512", "auto"]] + [(2160, 3840, "auto")]
+    print(f"RGB, ALGNet-S, CPU, {args.threads} threads")
+    print(f"{'size':>10} {'tile':>10} {'seconds':>9} {'peak RSS MiB':>13} {'after load MiB':>15}")
+    rows = []
+    for height, width, tile in cases:
         cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", str(height), str(width), tile]
         row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         label = "untiled" if tile == "none" else f"{row['tile']}{' (auto)' if tile == 'auto' else ''}"
-        print(f"{label:>10} {row['seconds']:9.1f} {row['peak_rss_mib']:13.0f} {row['before_mib']:15.0f}")
+        size = f"{width}x{height}"
+        print(f"{size:>10} {label:>10} {row['seconds']:9.1f} {row['peak_rss_mib']:13.0f} {row['before_mib']:15.0f}")
+        rows.append({"size": size, **row})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

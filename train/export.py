@@ -60,6 +60,7 @@ Spaces Model for Efficient Image Deblurring", https://doi.org/10.1145/3664647.36
 
 ```python
 import algnet_core
+
 restored = algnet_core.deblur(image, model="path/to/this/folder")  # or the Hub repo id
 ```
 
