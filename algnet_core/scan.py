@@ -21,8 +21,8 @@ Backends (pick one with ``backend=`` or the ``ALGNET_SCAN_BACKEND`` environment 
 * ``triton`` - a fused Triton kernel for CUDA without ``mamba_ssm`` (``scan_triton.py``). UNVERIFIED on a
   GPU (tested only in Triton's CPU interpreter), so never chosen automatically: ask for it by name.
 
-Like ``selective_scan_ref``, the scan itself runs in float32 (float64 when given float64) and the result
-is cast back to the dtype of ``u``.
+Like ``selective_scan_ref``, the scan itself runs in float32 (float64 when given float64; the ``triton``
+kernel always in float32) and the result is cast back to the dtype of ``u``.
 """
 
 from __future__ import annotations

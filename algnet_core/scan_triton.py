@@ -9,7 +9,8 @@ One program scans one (batch, channel) row: it walks the sequence in chunks of `
 chunk the recurrence over a (d_state, CHUNK) tile is a parallel ``tl.associative_scan`` of the affine maps
 ``s -> decay * s + input``; the state crossing from one chunk to the next stays in registers. Step sizes
 ``softplus(delta + delta_bias)``, the skip ``+ D * u`` and the gate ``* silu(z)`` are fused, so the kernel
-reads each input once and writes only y. Gradients recompute the op with the ``chunked`` backend.
+reads each input once and writes only y. It computes in float32 whatever the inputs' dtype (y is stored in
+u's dtype). Gradients recompute the op with the ``chunked`` backend (first order only).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 CHUNK = 128
 """Steps per tile (a power of two)."""
@@ -38,7 +40,7 @@ def _scan_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     N: tl.constexpr, T: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)  # batch * d_inner + channel
+    row = tl.program_id(0).to(tl.int64)  # batch * d_inner + channel; offsets can pass 2**31
     batch, channel = row // d_inner, row % d_inner
     n = tl.arange(0, N)
     t = tl.arange(0, T)
@@ -51,8 +53,10 @@ def _scan_kernel(
         steps = t0 + t
         ok = steps < length
         dt = tl.load(delta_ptr + row * length + steps, mask=ok, other=0.0).to(tl.float32) + bias
-        if SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        if SOFTPLUS:  # log1p(exp(dt)) in Kahan's form: exact where 1 + exp(dt) rounds to 1
+            e = tl.exp(dt)
+            w = 1.0 + e
+            dt = tl.where(dt > 20.0, dt, tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0)))
         dt = tl.where(ok, dt, 0.0)  # padded steps: decay 1, input 0, so the state passes through
         u = tl.load(u_ptr + row * length + steps, mask=ok, other=0.0).to(tl.float32)
         bc = batch * d_state * length + n[:, None] * length + steps[None, :]  # (N, T)
@@ -98,6 +102,7 @@ class _TritonScan(torch.autograd.Function):
         return _forward(u, delta, A, B, C, D, z, delta_bias, softplus)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         from .scan import selective_scan
 
