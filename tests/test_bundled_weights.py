@@ -32,4 +32,4 @@ def test_bundled_defocus_model_sharpens_disk_blurred_photos(tmp_path) -> None:
         assert restored.shape == blurry.shape and restored.dtype == np.uint8
         gains.append(metrics.psnr(restored, sharp) - metrics.psnr(blurry, sharp))
     print("PSNR gains (dB):", gains)
-    assert min(gains) > 0.3, gains
+    assert min(gains) > 0.45, gains  # the shipped file: +0.59 and +0.60 dB (the first one, 851 steps: +0.38)
