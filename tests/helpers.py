@@ -23,3 +23,18 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
+
+
+def mamba_inputs(batch, d_inner, d_state, length, dtype=torch.float32, seed=0) -> dict[str, torch.Tensor]:
+    """Mamba-like selective-scan inputs: delta around softplus(-2), A = -exp(A_log) in [-16, -0.5]."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "u": torch.randn(batch, d_inner, length, generator=g, dtype=dtype),
+        "delta": torch.randn(batch, d_inner, length, generator=g, dtype=dtype) * 0.5 - 2.0,
+        "A": -torch.exp(torch.empty(d_inner, d_state, dtype=dtype).uniform_(-0.69, 2.77, generator=g)),
+        "B": torch.randn(batch, d_state, length, generator=g, dtype=dtype),
+        "C": torch.randn(batch, d_state, length, generator=g, dtype=dtype),
+        "D": torch.randn(d_inner, generator=g, dtype=dtype),
+        "z": torch.randn(batch, d_inner, length, generator=g, dtype=dtype),
+        "delta_bias": torch.randn(d_inner, generator=g, dtype=dtype) * 0.1,
+    }

@@ -2,27 +2,13 @@
 
 import pytest
 import torch
+from helpers import mamba_inputs
 
 pytest.importorskip("numba")
 
 from algnet_core import scan  # noqa: E402
 from algnet_core.scan import BACKENDS, ENV_VAR, resolve_backend, selective_scan  # noqa: E402
 from algnet_core.scan_cpu import PARALLEL_MIN_ELEMENTS, TIME_CHUNK  # noqa: E402
-
-
-def _inputs(batch, d_inner, d_state, length, dtype=torch.float32, seed=0):
-    """Mamba-like inputs: delta around softplus(-2), A = -exp(A_log) in [-16, -0.5]."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "u": torch.randn(batch, d_inner, length, generator=g, dtype=dtype),
-        "delta": torch.randn(batch, d_inner, length, generator=g, dtype=dtype) * 0.5 - 2.0,
-        "A": -torch.exp(torch.empty(d_inner, d_state, dtype=dtype).uniform_(-0.69, 2.77, generator=g)),
-        "B": torch.randn(batch, d_state, length, generator=g, dtype=dtype),
-        "C": torch.randn(batch, d_state, length, generator=g, dtype=dtype),
-        "D": torch.randn(d_inner, generator=g, dtype=dtype),
-        "z": torch.randn(batch, d_inner, length, generator=g, dtype=dtype),
-        "delta_bias": torch.randn(d_inner, generator=g, dtype=dtype) * 0.1,
-    }
 
 
 @pytest.mark.parametrize(
@@ -36,7 +22,7 @@ def _inputs(batch, d_inner, d_state, length, dtype=torch.float32, seed=0):
     ],
 )
 def test_cpu_matches_reference(shape, options):
-    x = _inputs(*shape)
+    x = mamba_inputs(*shape)
     if "softplus" not in options:
         x["delta"] = torch.nn.functional.softplus(x["delta"])  # a positive step size, as in Mamba
     kwargs = {k: x.pop(k) for k in ("D", "z", "delta_bias")}
@@ -49,7 +35,7 @@ def test_cpu_matches_reference(shape, options):
 
 
 def test_cpu_matches_reference_with_mamba_init_A():
-    x = _inputs(1, 16, 32, 400)
+    x = mamba_inputs(1, 16, 32, 400)
     x["A"] = -torch.arange(1, 33, dtype=torch.float32).repeat(16, 1)  # Mamba's S4D-real initialisation
     expected = selective_scan(**x, delta_softplus=True, backend="reference")
     got = selective_scan(**x, delta_softplus=True, backend="cpu")
@@ -58,7 +44,7 @@ def test_cpu_matches_reference_with_mamba_init_A():
 
 def test_cpu_matches_reference_for_tiny_step_sizes():
     # softplus of -20..-10 is 2e-9..5e-5: 1 + exp(x) rounds to 1 in float32, so log(1 + exp(x)) would be 0
-    x = _inputs(2, 6, 8, 300)
+    x = mamba_inputs(2, 6, 8, 300)
     x["delta"] = -10.0 - 10.0 * torch.rand(x["delta"].shape, generator=torch.Generator().manual_seed(3))
     del x["D"]  # the skip would dwarf the scan's tiny output
     expected = selective_scan(**x, delta_softplus=True, backend="reference")
@@ -67,7 +53,7 @@ def test_cpu_matches_reference_for_tiny_step_sizes():
 
 
 def test_cpu_handles_non_contiguous_inputs():
-    x = _inputs(2, 12, 8, 150)
+    x = mamba_inputs(2, 12, 8, 150)
     g = torch.Generator().manual_seed(1)
     x["u"] = torch.randn(2, 150, 12, generator=g).transpose(1, 2)
     x["B"] = torch.randn(2, 8, 300, generator=g)[..., ::2]
@@ -80,7 +66,7 @@ def test_cpu_handles_non_contiguous_inputs():
 
 
 def test_cpu_float64_matches_reference_in_float64():
-    x = _inputs(2, 6, 4, 300, dtype=torch.float64)
+    x = mamba_inputs(2, 6, 4, 300, dtype=torch.float64)
     expected = selective_scan(**x, delta_softplus=True, backend="reference")
     got = selective_scan(**x, delta_softplus=True, backend="cpu")
     assert got.dtype == torch.float64
@@ -88,7 +74,7 @@ def test_cpu_float64_matches_reference_in_float64():
 
 
 def test_cpu_keeps_the_references_non_finite_values():
-    x = _inputs(1, 4, 4, 50)
+    x = mamba_inputs(1, 4, 4, 50)
     x["A"] = x["A"].abs() * 30  # exp(delta * A) overflows to inf: a diverging scan, as in the reference
     x["u"][0, 1, 7] = float("nan")
     expected = selective_scan(**x, delta_softplus=True, backend="reference")
@@ -115,7 +101,7 @@ def test_cpu_unavailable_without_numba(monkeypatch):
 
 
 def test_cpu_gradcheck_float64():
-    x = _inputs(2, 3, 2, 9, dtype=torch.float64)
+    x = mamba_inputs(2, 3, 2, 9, dtype=torch.float64)
     names = list(x)
     tensors = [x[k].requires_grad_() for k in names]
 
@@ -131,7 +117,7 @@ def test_cpu_gradients_match_chunked_float32():
     assert shape[0] * shape[1] * shape[2] * shape[3] >= PARALLEL_MIN_ELEMENTS and shape[3] > 2 * TIME_CHUNK
     grads = {}
     for backend in ("chunked", "cpu"):
-        x = {k: v.requires_grad_() for k, v in _inputs(*shape).items()}
+        x = {k: v.requires_grad_() for k, v in mamba_inputs(*shape).items()}
         y = selective_scan(**x, delta_softplus=True, backend=backend)
         (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
         grads[backend] = {k: v.grad for k, v in x.items()}
@@ -141,7 +127,7 @@ def test_cpu_gradients_match_chunked_float32():
 
 
 def test_cpu_backward_refuses_double_backward():
-    x = {k: v.requires_grad_() for k, v in _inputs(1, 2, 2, 5, dtype=torch.float64).items()}
+    x = {k: v.requires_grad_() for k, v in mamba_inputs(1, 2, 2, 5, dtype=torch.float64).items()}
     weights = torch.rand(1, 2, 5, dtype=torch.float64, requires_grad=True)  # a differentiable output grad
     y = selective_scan(**x, backend="cpu")
     (grad_u,) = torch.autograd.grad((y * weights).sum(), x["u"], create_graph=True)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,22 +22,13 @@ _SCRIPT = """
 import json, sys, torch
 from algnet_core.scan import selective_scan
 from algnet_core.scan_triton import CHUNK, selective_scan_triton
+from helpers import mamba_inputs
 
 batch, d_inner, d_state, length, options = json.loads(sys.argv[1])
-g = torch.Generator().manual_seed(0)
-x = {
-    "u": torch.randn(batch, d_inner, length, generator=g),
-    "delta": torch.randn(batch, d_inner, length, generator=g) * 0.5 - 2.0,
-    "A": -torch.exp(torch.empty(d_inner, d_state).uniform_(-0.69, 2.77, generator=g)),
-    "B": torch.randn(batch, d_state, length, generator=g),
-    "C": torch.randn(batch, d_state, length, generator=g),
-    "D": torch.randn(d_inner, generator=g),
-    "z": torch.randn(batch, d_inner, length, generator=g),
-    "delta_bias": torch.randn(d_inner, generator=g) * 0.1,
-}
+x = mamba_inputs(batch, d_inner, d_state, length)
 x = {k: v for k, v in x.items() if k in ("u", "delta", "A", "B", "C") or k in options}
 if "small_steps" in options:  # raw step sizes -20..-10: softplus 2e-9..5e-5, where 1 + exp(x) rounds to 1
-    x["delta"] = -10.0 - 10.0 * torch.rand(batch, d_inner, length, generator=g)
+    x["delta"] = -10.0 - 10.0 * torch.rand(batch, d_inner, length, generator=torch.Generator().manual_seed(1))
 softplus = "softplus" in options
 if not softplus:
     x["delta"] = torch.nn.functional.softplus(x["delta"])
@@ -68,7 +60,8 @@ print(json.dumps({
     ],
 )
 def test_triton_kernel_matches_reference_in_the_interpreter(shape, options):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])  # helpers.py
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     run = subprocess.run(
         [sys.executable, "-c", _SCRIPT, json.dumps([*shape, options])],
         capture_output=True, text=True, env=env, timeout=600,
