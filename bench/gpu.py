@@ -24,11 +24,10 @@ import statistics
 import sys
 
 import torch
+from scan import D_INNER, D_STATE, mamba_inputs  # bench/scan.py: run as python bench/gpu.py
 
 from algnet_core import PRESETS, ALGNet
 from algnet_core.scan import selective_scan
-
-D_INNER, D_STATE = 64, 32
 
 
 def _backends() -> list[str]:
@@ -38,26 +37,11 @@ def _backends() -> list[str]:
     return names
 
 
-def _inputs(batch: int, d_inner: int, d_state: int, length: int, device: str, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    x = {
-        "u": torch.randn(batch, d_inner, length, generator=g),
-        "delta": torch.randn(batch, d_inner, length, generator=g) * 0.5 - 2.0,
-        "A": -torch.exp(torch.empty(d_inner, d_state).uniform_(-0.69, 2.77, generator=g)),
-        "B": torch.randn(batch, d_state, length, generator=g),
-        "C": torch.randn(batch, d_state, length, generator=g),
-        "D": torch.randn(d_inner, generator=g),
-        "z": torch.randn(batch, d_inner, length, generator=g),
-        "delta_bias": torch.randn(d_inner, generator=g) * 0.1,
-    }
-    return {k: v.to(device) for k, v in x.items()}
-
-
 def check_correctness(backend: str) -> list[dict]:
     """Max |error| of forward and (relative) gradients against the reference, per shape."""
     rows = []
     for shape in [(1, 8, 32, 300), (2, 4, 32, 1000), (2, 3, 5, 129), (1, 2, 16, 1)]:
-        x = _inputs(*shape, device="cuda")
+        x = mamba_inputs(*shape, device="cuda")
         results = {}
         for name in ("reference", backend):
             inputs = {k: v.clone().requires_grad_() for k, v in x.items()}
@@ -94,7 +78,7 @@ def _time_ms(fn, repeats: int = 10) -> float:
 
 
 def time_scan(backend: str, length: int) -> dict:
-    x = _inputs(1, D_INNER, D_STATE, length, device="cuda")
+    x = mamba_inputs(1, D_INNER, D_STATE, length, device="cuda")
     with torch.no_grad():
         ms = _time_ms(lambda: selective_scan(**x, delta_softplus=True, backend=backend), repeats=5)
     elements = D_INNER * D_STATE * length

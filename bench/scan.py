@@ -47,21 +47,26 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _inputs(length: int, backward: bool) -> dict:
+def mamba_inputs(batch: int, d_inner: int, d_state: int, length: int, device: str = "cpu") -> dict:
+    """The inputs of a Mamba block's scan (D skip, z gate, delta_bias; delta around softplus(-2)), seeded."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     x = {
-        "u": torch.randn(BATCH, D_INNER, length, generator=g),
-        "delta": torch.randn(BATCH, D_INNER, length, generator=g) * 0.5 - 2.0,
-        "A": -torch.exp(torch.empty(D_INNER, D_STATE).uniform_(-0.69, 2.77, generator=g)),
-        "B": torch.randn(BATCH, D_STATE, length, generator=g),
-        "C": torch.randn(BATCH, D_STATE, length, generator=g),
-        "D": torch.randn(D_INNER, generator=g),
-        "z": torch.randn(BATCH, D_INNER, length, generator=g),
-        "delta_bias": torch.randn(D_INNER, generator=g) * 0.1,
+        "u": torch.randn(batch, d_inner, length, generator=g),
+        "delta": torch.randn(batch, d_inner, length, generator=g) * 0.5 - 2.0,
+        "A": -torch.exp(torch.empty(d_inner, d_state).uniform_(-0.69, 2.77, generator=g)),
+        "B": torch.randn(batch, d_state, length, generator=g),
+        "C": torch.randn(batch, d_state, length, generator=g),
+        "D": torch.randn(d_inner, generator=g),
+        "z": torch.randn(batch, d_inner, length, generator=g),
+        "delta_bias": torch.randn(d_inner, generator=g) * 0.1,
     }
-    return {k: v.requires_grad_(backward) for k, v in x.items()}
+    return {k: v.to(device) for k, v in x.items()}
+
+
+def _inputs(length: int, backward: bool) -> dict:
+    return {k: v.requires_grad_(backward) for k, v in mamba_inputs(BATCH, D_INNER, D_STATE, length).items()}
 
 
 def _call(backend: str, x: dict, backward: bool) -> None:
