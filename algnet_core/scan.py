@@ -170,28 +170,17 @@ def _everywhere(device: torch.device) -> str | None:
     return None
 
 
-def _mamba_ssm_unavailable(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"mamba_ssm's kernel runs on CUDA tensors only (got {device.type})"
-    if importlib.util.find_spec("mamba_ssm") is None:
-        return "the mamba_ssm package is not installed (pip install 'algnet[cuda]')"
-    return None
+def _needs(device_type: str, package: str, kernel: str, install: str) -> Callable[[torch.device], str | None]:
+    """The ``unavailable`` check of a backend whose ``kernel`` runs on ``device_type`` and needs ``package``."""
 
+    def unavailable(device: torch.device) -> str | None:
+        if device.type != device_type:
+            return f"{kernel} on {device_type.upper()} tensors only (got {device.type})"
+        if importlib.util.find_spec(package) is None:
+            return f"the {package} package is not installed ({install})"
+        return None
 
-def _triton_unavailable(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"the Triton kernel runs on CUDA tensors only (got {device.type})"
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed (it comes with CUDA builds of torch)"
-    return None
-
-
-def _cpu_unavailable(device: torch.device) -> str | None:
-    if device.type != "cpu":
-        return f"the numba kernels run on CPU tensors only (got {device.type})"
-    if importlib.util.find_spec("numba") is None:
-        return "the numba package is not installed (pip install numba)"
-    return None
+    return unavailable
 
 
 BACKENDS: dict[str, ScanBackend] = {
@@ -199,9 +188,17 @@ BACKENDS: dict[str, ScanBackend] = {
     for b in (
         ScanBackend("reference", _run_reference, _everywhere),
         ScanBackend("chunked", _run_chunked, _everywhere),
-        ScanBackend("cpu", _run_cpu, _cpu_unavailable),
-        ScanBackend("mamba_ssm", _run_mamba_ssm, _mamba_ssm_unavailable),
-        ScanBackend("triton", _run_triton, _triton_unavailable),
+        ScanBackend("cpu", _run_cpu, _needs("cpu", "numba", "the numba kernels run", "pip install numba")),
+        ScanBackend(
+            "mamba_ssm",
+            _run_mamba_ssm,
+            _needs("cuda", "mamba_ssm", "mamba_ssm's kernel runs", "pip install 'algnet[cuda]'"),
+        ),
+        ScanBackend(
+            "triton",
+            _run_triton,
+            _needs("cuda", "triton", "the Triton kernel runs", "it comes with CUDA builds of torch"),
+        ),
     )
 }
 AUTO_ORDER: list[str] = ["mamba_ssm", "cpu", "chunked"]
