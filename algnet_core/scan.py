@@ -64,6 +64,11 @@ class ScanBackend:
     unavailable: Callable[[torch.device], str | None]
 
 
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will need gradients through an op on these tensors (``None`` entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _compute_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
@@ -129,7 +134,7 @@ def _run_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     d_state = A.shape[1]
     elements = min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS) if u.device.type == "cpu" else CHUNK_ELEMENTS
     chunk = max(16, elements // (batch * d_inner * d_state))
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
+    recompute = needs_grad(u, delta, A, B, C)
     state = u.new_zeros(batch, d_inner, d_state)
     # Without gradients the chunks are written into one output: no list of small tensors between the large
     # short-lived work tensors, which fragments glibc's heap (several GiB of RSS at L=921600).

@@ -36,6 +36,8 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .scan import needs_grad
+
 TIME_CHUNK = 256
 """Steps per chunk: the cache block of the kernels and the checkpoint interval of the backward pass."""
 PARALLEL_MIN_ELEMENTS = 1 << 18
@@ -359,7 +361,6 @@ def selective_scan_cpu(
     """
     u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
     D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if needs_grad(u, delta, A, B, C, D, z, delta_bias):
         return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, for_backward=False)[0]

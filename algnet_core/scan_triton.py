@@ -23,6 +23,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .scan import needs_grad, selective_scan
+
 CHUNK = 128
 """Steps per tile (a power of two)."""
 
@@ -104,8 +106,6 @@ class _TritonScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        from .scan import selective_scan
-
         inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
         with torch.enable_grad():
             y = selective_scan(*inputs, delta_softplus=ctx.softplus, backend="chunked")
@@ -126,7 +126,6 @@ def selective_scan_triton(
     delta_softplus: bool = False,
 ) -> Tensor:
     """``selective_scan_fn`` with the Triton kernel (shapes as in :mod:`algnet_core.scan`); y in u's dtype."""
-    tensors = [x for x in (u, delta, A, B, C, D, z, delta_bias) if x is not None]
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+    if needs_grad(u, delta, A, B, C, D, z, delta_bias):
         return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
