@@ -264,6 +264,22 @@ def test_epoch_sampler_splits_global_batches_across_ranks() -> None:
 
 
 # ----------------------------------------------------------------------------------------- kernels
+def _lit_per_extent(kernel: np.ndarray) -> float:
+    """Pixels above 5% of the peak per pixel of the kernel's extent: 1-4 for a stroke, more for a blob."""
+    lit = kernel > 0.05 * kernel.max()
+    rows, cols = np.nonzero(lit)
+    return lit.sum() / (max(np.ptp(rows), np.ptp(cols)) + 1)
+
+
+def test_motion_kernels_are_strokes_like_real_camera_shake() -> None:
+    levin = np.load(SHARED / "data" / "kernels" / "levin09.npz")
+    real = [_lit_per_extent(levin[name]) for name in levin.files]  # 2.4 .. 4.0
+    rng = np.random.default_rng(0)
+    ours = [_lit_per_extent(kernels.motion_kernel(rng, 31, 10, 27)) for _ in range(100)]
+    # A path that winds back over itself many times fills a blob (the old generator: median 7.5).
+    assert 1 < np.median(ours) <= max(real)
+
+
 def test_kernels_are_normalised_centred_and_reproducible() -> None:
     for seed in range(5):
         k = kernels.motion_kernel(np.random.default_rng(seed), 25, 4, 20)

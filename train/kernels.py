@@ -71,33 +71,43 @@ def gaussian_kernel(sigma: float, size: int | None = None) -> np.ndarray:
 
 
 def camera_shake_trajectory(
-    rng: np.random.Generator, samples: int = 2000, max_anxiety: float = 0.005, max_jerk_prob: float = 0.002
+    rng: np.random.Generator,
+    samples: int = 2000,
+    max_anxiety: float = 0.005,
+    max_jerk_prob: float = 0.2,
+    path_length: float = 60.0,
 ) -> np.ndarray:
-    """A random 2-D camera-shake path (complex positions), in the spirit of Boracchi & Foi (2012).
+    """A random 2-D camera-shake path (complex positions in pixels), after Boracchi & Foi (2012).
 
-    A point moves with unit speed; at every step its velocity receives Gaussian noise scaled by an
-    ``anxiety`` drawn from U(0, max_anxiety), a pull back towards the start (centripetal) and, with a
-    probability drawn from U(0, max_jerk_prob), a jerk that turns it by a random angle. Small anxiety gives
-    near-straight strokes, large anxiety curly ones. Returns ``samples`` positions in arbitrary units
-    (the caller scales them).
+    A point moves along a path of about ``path_length`` pixels in ``samples`` equal time steps. At
+    every step its velocity receives Gaussian noise and a pull back towards the start (centripetal),
+    both scaled by an ``anxiety`` drawn from U(0, max_anxiety) and by the step length; with a per-step
+    probability of U(0, max_jerk_prob) x anxiety, a jerk roughly reverses the direction. Small anxiety
+    gives near-straight strokes, large anxiety curved ones with a few turn-backs, like real shake.
+    The speed varies smoothly along the path (the camera dwells where it slows, which brightens the
+    kernel there), and the exposure covers a random fraction (0.1 to 1) of it, so short straight strokes
+    occur too.
     """
     anxiety = max_anxiety * rng.uniform()
-    jerk_prob = max_jerk_prob * rng.uniform()
+    jerk_prob = max_jerk_prob * rng.uniform() * anxiety
     centripetal = 0.7 * rng.uniform()
     gaussian_term = 10 * rng.uniform()
-    angle = rng.uniform(0, 2 * np.pi)
-    v = np.exp(1j * angle)
+    step = path_length / (samples - 1)
+    time = np.linspace(0, 1, samples)
+    wobble = sum(np.cos(2 * np.pi * rng.uniform(0.5, 3) * time + rng.uniform(0, 2 * np.pi)) for _ in range(3))
+    speed = step * np.exp(rng.uniform(0, 1) * wobble / np.sqrt(1.5))  # log-speed: std up to 1
+    v = step * np.exp(1j * rng.uniform(0, 2 * np.pi))
     x = np.zeros(samples, dtype=np.complex128)
     noise = rng.standard_normal((samples, 2)) @ np.array([1.0, 1j])
     jerks = rng.uniform(size=samples) < jerk_prob
-    jerk_angles = rng.uniform(0, 2 * np.pi, size=samples)
+    jerk_angles = np.pi + rng.uniform(-0.5, 0.5, size=samples)
     for t in range(1, samples):
-        v = v + anxiety * (gaussian_term * noise[t] - centripetal * x[t - 1])
-        if jerks[t]:
-            v = v * np.exp(1j * jerk_angles[t])
-        v /= max(abs(v), 1e-12)
+        jerk = 2 * v * np.exp(1j * jerk_angles[t]) if jerks[t] else 0.0
+        v = v + jerk + anxiety * step * (gaussian_term * noise[t] - centripetal * x[t - 1])
+        v *= speed[t] / max(abs(v), 1e-12)
         x[t] = x[t - 1] + v
-    return x
+    exposure = rng.uniform(0.1, 1.0)
+    return x[: max(2, round(exposure * samples))]
 
 
 def rasterise(path: np.ndarray, length: float, size: int) -> np.ndarray:
