@@ -165,6 +165,21 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(photos: Path, tmp_pa
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
+def test_fine_tuning_starts_from_the_checkpoints_ema_weights_with_a_fresh_schedule(
+    photos: Path, tmp_path: Path
+) -> None:
+    first = Trainer(tiny_config(photos, tmp_path / "a"))
+    first.fit()
+    tuned = Trainer(tiny_config(photos, tmp_path / "b", init=str(tmp_path / "a" / "last.pt")))
+    assert tuned.step == 0
+    assert tuned.scheduler.get_last_lr() == [pytest.approx(tuned.cfg.optim.lr)]
+    fresh = Trainer(tiny_config(photos, tmp_path / "c"))
+    for name, value in first.ema.model.state_dict().items():
+        torch.testing.assert_close(tuned.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(tuned.ema.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(fresh.model.state_dict()[k], v) for k, v in first.ema.model.state_dict().items())
+
+
 # ----------------------------------------------------------------------------------------- data
 def test_paired_crops_and_flips_keep_blur_and_sharp_aligned(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)

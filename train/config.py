@@ -7,6 +7,7 @@ current directory; the shipped configs are written to be run from the repository
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,15 @@ class LossConfig:
 @dataclass
 class RunConfig:
     """``batch``: global batch (per process = batch / world size); ``precision``: bf16/fp16/fp32 autocast
-    on CUDA (CPU always runs fp32); ``ema_decay``: None for no EMA of the weights."""
+    on CUDA (CPU always runs fp32); ``ema_decay``: None for no EMA of the weights; ``init``: a training
+    checkpoint whose weights this run starts from (fine-tuning; optimiser and schedule start afresh)."""
 
     steps: int = 300_000
     batch: int = 32
     precision: str = "bf16"
     ema_decay: float | None = None
     seed: int = 0
+    init: str | None = None
 
 
 @dataclass
@@ -138,16 +141,32 @@ class Config:
         return {**PRESETS[self.model.preset], **self.model.overrides}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; floats in configs are written that way, so read
+    every number in exponent notation as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _set(raw: dict[str, Any], dotted: str, value: str) -> None:
     keys = dotted.split(".")
     for key in keys[:-1]:
         raw = raw.setdefault(key, {})
-    raw[keys[-1]] = yaml.safe_load(value)
+    raw[keys[-1]] = _yaml(value)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config; ``overrides`` are ``dotted.key=value`` strings (values parsed as YAML)."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = _yaml(Path(path).read_text()) or {}
     for item in overrides or []:
         key, _, value = item.partition("=")
         _set(raw, key, value)

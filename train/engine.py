@@ -86,6 +86,13 @@ class EMA:
                 value.copy_(current[name])
 
 
+def initial_weights(path: str | Path) -> dict[str, Tensor]:
+    """The weights a fine-tuning run starts from: a checkpoint's EMA weights (``last.pt``) when it has
+    them, else its model (``best.pt`` stores the evaluated, i.e. EMA, weights as its model)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state.get("ema") or state["model"]
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -131,6 +138,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         model_kwargs = cfg.model_kwargs()
         self.model = ALGNet(**model_kwargs).to(self.device)
+        if cfg.run.init:
+            self.model.load_state_dict(initial_weights(cfg.run.init))
         self.frozen = freeze_unused(self.model, model_kwargs.get("img_channel", 3))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
