@@ -373,6 +373,8 @@ def test_shipped_configs_load_and_keep_the_paper_recipe() -> None:
         assert all("train_photos" in f and "natural" not in f for f in folders)
     with pytest.raises(ValueError, match="learning_rate"):
         Config.from_dict({"name": "x", "optim": {"learning_rate": 1}})
+    cfg = load_config(REPO / "train/configs/synthetic_motion_s.yaml", ["optim.lr=3e-4", "run.init=runs/a/best.pt"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float) and cfg.run.init == "runs/a/best.pt"
 
 
 # ----------------------------------------------------------------------------------------- export/publish
