@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import hub, publish
+from . import publish
 from .hub import REGISTRY, bundled_files, convert_checkpoint, load_model
 from .imageio import IMAGE_SUFFIXES, PNG_SUFFIXES, SAMPLE_IMAGE, Stack, read_image, write_image
 from .inference import DEFAULT_OVERLAP, choose_tile, deblur, free_memory, resolve_device
@@ -71,8 +71,6 @@ def _load(args: argparse.Namespace):
         tile = choose_tile(model._hub_mixin_config["width"], device)
         gib = free_memory(device) / 2**30
         print(f"tile: {tile} px (auto: {gib:.1f} GiB free on {device}), overlap {args.overlap}", file=sys.stderr)
-    if not model.provenance.get("trained", True):
-        print("WARNING: untrained placeholder weights: the output is NOT deblurred", file=sys.stderr)
     return model
 
 
@@ -184,12 +182,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"auto tile for {args.preset} on {device}: {choose_tile(width, device)} px")
     print("registered models:")
     for name, entry in REGISTRY.items():
-        if entry.bundled is None:
-            bundled = "none"
-        else:
-            weights = bundled_files(entry.bundled)[1]
-            trained = hub.is_trained(weights)
-            bundled = weights.name if trained else f"UNTRAINED placeholder ({weights.name})"
+        bundled = "none" if entry.bundled is None else bundled_files(entry.bundled)[1].name
         print(f"  {name:14} {entry.repo_id}@{entry.revision} ({entry.preset}); bundled: {bundled}")
     print(describe(args.preset))
     return 0

@@ -12,8 +12,7 @@ resolved in this order:
    has it.
 
 Bundled weights live in ``algnet_core/weights/`` as ``<bundled>.safetensors`` (float16 storage, loaded as
-float32) and ``<bundled>.json``. Until trained files are dropped in under those names, a registered name
-uses the untrained placeholder (:data:`PLACEHOLDER`), which returns its input unchanged and says so.
+float32) and ``<bundled>.json``; their cards are in ``docs/model_cards/``.
 Every load is strict: missing, unexpected or mis-shaped tensors raise, naming the files.
 """
 
@@ -49,12 +48,8 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-PLACEHOLDER = "untrained-placeholder"
-"""Stem of the bundled untrained weights: a registered name uses them until its own bundled file exists."""
 DESCRIPTION_KEY = "algnet.description"
 """safetensors metadata key with a one-line description of bundled weights (shown in the log line)."""
-TRAINED_KEY = "algnet.trained"
-"""safetensors metadata key, ``"true"`` or ``"false"``: whether bundled weights were trained."""
 HUB_PROBE_TIMEOUT_S = 2.0
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
@@ -92,23 +87,21 @@ def list_models() -> list[str]:
 
 
 def bundled_files(stem: str) -> tuple[Path, Path]:
-    """(config, weights) paths of the bundled weights named ``stem``, or of the placeholder when absent."""
+    """(config, weights) paths of the bundled weights named ``stem`` (checked by :func:`build_model`)."""
     weights = WEIGHTS_DIR / f"{stem}.safetensors"
-    if not weights.is_file():
-        weights = WEIGHTS_DIR / f"{PLACEHOLDER}.safetensors"
     return weights.with_suffix(".json"), weights
 
 
-def save_bundled(model: ALGNet, stem: str, description: str, trained: bool) -> Path:
+def save_bundled(model: ALGNet, stem: str, description: str) -> Path:
     """Write ``model`` as bundled weights ``weights/<stem>.safetensors`` (float16) + ``<stem>.json``.
 
-    ``description`` and ``trained`` go into the safetensors metadata and appear in the load log line.
-    Returns the weights path.
+    ``description`` goes into the safetensors metadata and appears in the load log line. Returns the
+    weights path.
     """
     WEIGHTS_DIR.mkdir(exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
     weights = WEIGHTS_DIR / f"{stem}.safetensors"
-    metadata = {"format": "pt", DESCRIPTION_KEY: description, TRAINED_KEY: str(trained).lower()}
+    metadata = {"format": "pt", DESCRIPTION_KEY: description}
     safetensors.torch.save_file(state, weights, metadata=metadata)
     weights.with_suffix(".json").write_text(json.dumps(model._hub_mixin_config, indent=2) + "\n")
     return weights
@@ -153,11 +146,6 @@ def preset_of(config: dict) -> str | None:
 def _metadata(weights_path: Path) -> dict[str, str]:
     with safetensors.safe_open(weights_path, framework="pt") as f:
         return f.metadata() or {}
-
-
-def is_trained(weights_path: Path) -> bool:
-    """Whether a weights file says it is trained (its ``algnet.trained`` metadata), not the placeholder."""
-    return _metadata(weights_path).get(TRAINED_KEY, "true") == "true"
 
 
 def _offline() -> bool:
@@ -267,15 +255,8 @@ def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None
         raise WeightsError(f"{config} is not the {entry.preset} preset that {name_or_path!r} promises")
     metadata = _metadata(weights) if provenance["source"] == "bundled" else {}
     provenance["description"] = metadata.get(DESCRIPTION_KEY, "")
-    provenance["trained"] = provenance["source"] != "bundled" or is_trained(weights)
     model.provenance = provenance
-    if not provenance["trained"]:
-        log.warning(
-            "algnet: using UNTRAINED placeholder weights for %s - output is NOT deblurred (%s)",
-            _describe(provenance),
-            provenance["description"],
-        )
-    elif provenance["source"] == "bundled":
+    if provenance["source"] == "bundled":
         log.warning("algnet: Hub copy not available, using bundled weights %s", _describe(provenance))
     else:
         log.info("algnet: using weights %s", _describe(provenance))

@@ -142,19 +142,18 @@ def test_registered_name_checks_its_preset_and_falls_back_to_bundled(fake_hub, m
     with caplog.at_level(logging.INFO, logger="algnet_core.hub"):
         model = from_pretrained("tiny-name")
     assert model.provenance["source"] == "bundled"
-    assert len(caplog.records) == 1 and "UNTRAINED placeholder" in caplog.records[0].getMessage()
+    assert model.provenance["path"] == str(hub.WEIGHTS_DIR / "motion.safetensors")
+    assert len(caplog.records) == 1 and "using bundled weights" in caplog.records[0].getMessage()
 
 
-def test_motion_offline_falls_back_to_the_bundled_placeholder(hub_env, monkeypatch, caplog) -> None:
+def test_motion_offline_falls_back_to_the_bundled_weights(hub_env, monkeypatch, caplog) -> None:
     go_offline(monkeypatch)
     with caplog.at_level(logging.INFO, logger="algnet_core.hub"):
         model = load_model("motion", "cpu")
-    assert model.provenance["source"] == "bundled" and model.provenance["trained"] is False
+    assert model.provenance["source"] == "bundled"
+    assert "motion" in model.provenance["description"]
     assert [r.levelname for r in caplog.records] == ["WARNING"]
-    assert "UNTRAINED placeholder" in caplog.records[0].getMessage()
-    x = torch.rand(1, 3, 32, 32)
-    with torch.inference_mode():
-        assert torch.equal(model(x), x)  # the placeholder returns its input: it claims no deblurring
+    assert "Hub copy not available, using bundled weights" in caplog.records[0].getMessage()
 
 
 def test_prefilled_cache_is_used_without_network(saved, hub_env, monkeypatch) -> None:
@@ -169,25 +168,26 @@ def test_prefilled_cache_is_used_without_network(saved, hub_env, monkeypatch) ->
     assert model.provenance["path"] == str(snapshot / hub.WEIGHTS_NAME)
 
 
-def test_bundled_placeholder_is_small_labelled_and_alg_net_s() -> None:
-    config, weights = hub.bundled_files("motion")
-    assert weights.name == f"{hub.PLACEHOLDER}.safetensors" or weights.name == "motion.safetensors"
-    assert weights.stat().st_size < 25e6
-    placeholder = hub.WEIGHTS_DIR / f"{hub.PLACEHOLDER}.safetensors"
-    with safetensors.safe_open(placeholder, framework="pt") as f:
-        assert f.metadata()[hub.TRAINED_KEY] == "false"
-        assert "untrained placeholder" in f.metadata()[hub.DESCRIPTION_KEY]
-    assert hub.preset_of(hub.build_model(config, weights)._hub_mixin_config) == "ALGNet-S"
+def test_every_bundled_name_ships_a_small_described_alg_net_s_file() -> None:
+    stems = {entry.bundled for entry in hub.REGISTRY.values() if entry.bundled}
+    assert stems == {"motion", "defocus"}
+    assert sorted(p.stem for p in hub.WEIGHTS_DIR.glob("*.safetensors")) == sorted(stems)  # nothing unused
+    for stem in stems:
+        config, weights = hub.bundled_files(stem)
+        assert weights.stat().st_size < 25e6
+        with safetensors.safe_open(weights, framework="pt") as f:
+            assert stem in f.metadata()[hub.DESCRIPTION_KEY]
+        assert hub.preset_of(hub.build_model(config, weights)._hub_mixin_config) == "ALGNet-S"
 
 
-def test_trained_files_dropped_in_replace_the_placeholder(hub_env, monkeypatch, tmp_path) -> None:
+def test_bundled_files_dropped_in_are_loaded_as_float16_with_their_description(hub_env, monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(hub, "WEIGHTS_DIR", tmp_path / "weights")
     torch.manual_seed(2)
     trained = ALGNet(**PRESETS["ALGNet-S"]).eval()
-    hub.save_bundled(trained, "motion", "ALGNet-S trained on test data", trained=True)
+    hub.save_bundled(trained, "motion", "ALGNet-S trained on test data")
     go_offline(monkeypatch)
     model = load_model("motion", "cpu")
-    assert model.provenance == {**model.provenance, "source": "bundled", "trained": True}
+    assert model.provenance["source"] == "bundled"
     assert model.provenance["description"] == "ALGNet-S trained on test data"
     for name, value in trained.state_dict().items():
         assert torch.equal(model.state_dict()[name], value.half().float())

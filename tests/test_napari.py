@@ -183,7 +183,7 @@ def test_weights_load_in_the_background_and_offline_fallback_is_announced(docked
     def offline_load(spec: str, device: str = "auto") -> ALGNet:
         loaded_in.append(threading.current_thread())
         model = tiny_model()
-        model.provenance = {"model_id": spec, "revision": None, "source": "bundled", "trained": True}
+        model.provenance = {"model_id": spec, "revision": None, "source": "bundled"}
         return model
 
     monkeypatch.setattr(algnet_core, "load_model", offline_load)

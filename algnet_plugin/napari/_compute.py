@@ -96,7 +96,6 @@ def deblur_layer(
         "model_id": provenance.get("model_id"),
         "revision": provenance.get("revision"),
         "source": provenance.get("source"),
-        "trained": provenance.get("trained"),
         "tile": tile,
         "overlap": overlap,
         "device": str(next(net.parameters()).device),

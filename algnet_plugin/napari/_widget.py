@@ -179,8 +179,6 @@ class DeblurWidget(Container):
         notes = [f"done: {meta['model_id']} ({meta['source']}) on {meta['device']}"]
         if meta["source"] == "bundled":
             notes.append("the Hub was not reachable: used the weights bundled with the package")
-        if meta["trained"] is False:
-            notes.append("untrained placeholder weights: the output equals the input")
         if meta["multiscale_level"] == 0:
             notes.append("multiscale layer: the full-resolution level was deblurred")
         self._status.value = "\n".join(notes)
