@@ -1,12 +1,14 @@
 """``python -m train CONFIG.yaml [--resume] [--until STEP] [--minutes M] [--set key=value ...]``.
 
 Trains (in one go or in stretches that each end with a checkpoint), then exports the best weights.
+SIGTERM or Ctrl-C stops a run after the current step, with a checkpoint (resume with ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             trainer.resume(path)
         elif args.resume != "auto":
             parser.error(f"no checkpoint {path}")
+
+    def request_stop(signum: int, _frame: object) -> None:
+        logging.info("%s: stopping after this step, with a checkpoint", signal.Signals(signum).name)
+        trainer.stop_requested = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
     trainer.fit(until=args.until, minutes=args.minutes)
     if trainer.rank == 0 and cfg.export.dir and trainer.step == cfg.run.steps:
         logging.info(

@@ -34,6 +34,10 @@ from . import kernels
 
 IMAGE_EXTENSIONS = tuple(sorted(imageio.IMAGE_SUFFIXES | imageio.READ_ONLY_SUFFIXES))
 Key = int | tuple[int, int]
+MILD_MOTION_LENGTH = (1.0, 3.0)
+"""Path extent (px) of the barely blurred motion samples."""
+MILD_DEFOCUS_RADIUS = (0.6, 1.0)
+"""Disk radius (px) of the barely blurred defocus samples."""
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -216,6 +220,9 @@ class BlurRecipe:
 
     ``kind``: "motion" (camera-shake trajectories), "defocus" (disk, or Gaussian with probability
     ``gaussian_prob``), or "mixed" (each with probability 1/2). ``kernel_size`` is the (odd) kernel side.
+    So that sharp inputs come back unchanged ("do no harm"), a share ``sharp_prob`` of samples is not
+    blurred at all (identity kernel) and a share ``mild_prob`` is barely blurred (``MILD_MOTION_LENGTH`` px
+    of shake, or a defocus of ``MILD_DEFOCUS_RADIUS`` px); both get the same noise and JPEG as the rest.
     Noise is Poisson-Gaussian, ``x + sqrt(a x + b^2) n`` with a in ``poisson`` and b in ``gaussian_sigma``;
     then the result is clipped, JPEG-compressed with probability ``jpeg_prob`` (quality in
     ``jpeg_quality``), and otherwise quantised to 8 bits when ``quantise``.
@@ -231,6 +238,8 @@ class BlurRecipe:
     jpeg_prob: float = 0.0
     jpeg_quality: tuple[int, int] = (60, 95)
     quantise: bool = True
+    sharp_prob: float = 0.0
+    mild_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("motion", "defocus", "mixed"):
@@ -241,15 +250,23 @@ class BlurRecipe:
             raise ValueError("defocus radius does not fit kernel_size")
         if self.kind != "defocus" and self.motion_length[1] > self.kernel_size - 2:
             raise ValueError("motion length does not fit kernel_size")
+        if min(self.sharp_prob, self.mild_prob) < 0 or self.sharp_prob + self.mild_prob > 1:
+            raise ValueError("sharp_prob and mild_prob must be >= 0 and sum to at most 1")
 
     def kernel(self, rng: np.random.Generator) -> np.ndarray:
-        """Draw one normalised kernel (``kernel_size`` square)."""
+        """Draw one normalised kernel (``kernel_size`` square): the identity, a mild or a full blur."""
+        share = rng.uniform()
+        if share < self.sharp_prob:
+            return kernels.pad_to(np.ones((1, 1)), self.kernel_size)
+        mild = share < self.sharp_prob + self.mild_prob
         kind = self.kind
         if kind == "mixed":
             kind = "motion" if rng.uniform() < 0.5 else "defocus"
         if kind == "motion":
-            return kernels.motion_kernel(rng, self.kernel_size, *self.motion_length)
-        return kernels.random_defocus_kernel(rng, self.kernel_size, self.defocus_radius, self.gaussian_prob)
+            length = MILD_MOTION_LENGTH if mild else self.motion_length
+            return kernels.motion_kernel(rng, self.kernel_size, *length)
+        radius = MILD_DEFOCUS_RADIUS if mild else self.defocus_radius
+        return kernels.random_defocus_kernel(rng, self.kernel_size, radius, self.gaussian_prob)
 
     def finish(self, blurred: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Noise, clipping, and JPEG or 8-bit quantisation of a blurred (h, w, 3) float image."""

@@ -86,15 +86,31 @@ class EMA:
                 value.copy_(current[name])
 
 
-def initial_weights(path: str | Path) -> dict[str, Tensor]:
-    """The weights a fine-tuning run starts from: a checkpoint's EMA weights (``last.pt``) when it has
-    them, else its model (``best.pt`` stores the evaluated, i.e. EMA, weights as its model)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state.get("ema") or state["model"]
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint (``last.pt``/``best.pt``), unpickled with ``weights_only=True``: tensors,
+    numbers, strings and containers only, so a crafted file cannot run code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def initial_weights(source: str | Path) -> dict[str, Tensor]:
+    """The weights a fine-tuning run starts from.
+
+    ``source`` is a training checkpoint (``.pt``/``.pth``: its EMA weights when it has them, else its
+    model; ``best.pt`` stores the evaluated, i.e. EMA, weights as its model) or anything
+    :meth:`ALGNet.from_pretrained` takes: a bundled or registered name, a ``save_pretrained`` folder,
+    a Hub repo id.
+    """
+    if Path(source).suffix in (".pt", ".pth"):
+        state = load_checkpoint(source)
+        return state.get("ema") or state["model"]
+    return ALGNet.from_pretrained(source).state_dict()
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as a tensor and plain numbers, so checkpoints load with weights_only=True
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -102,7 +118,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -152,6 +169,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast is torch.float16)
         self.criterion = MultiScaleLoss(cfg.loss.eps, cfg.loss.edge_weight, cfg.loss.freq_weight)
         self.step, self.best_psnr = 0, -math.inf
+        self.stop_requested = False  # set by a signal handler: fit() checkpoints and returns
 
         flips = Flips(**cfg.data.flips)
         self.train_set = build_dataset(cfg.data.train, cfg.data.crop, flips, train=True, seed=cfg.run.seed)
@@ -210,7 +228,7 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Continue from a ``last.pt`` checkpoint (written on any device, any world size)."""
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(load_checkpoint(path))
         log.info("resumed from %s at step %d", path, self.step)
 
     # ----------------------------------------------------------------------------------- one step
@@ -272,7 +290,8 @@ class Trainer:
         )
 
     def fit(self, until: int | None = None, minutes: float | None = None) -> dict[str, Any]:
-        """Train to ``run.steps`` (or stop early at step ``until`` / after ``minutes``, checkpointing).
+        """Train to ``run.steps`` (or stop early at step ``until`` / after ``minutes`` / when
+        ``stop_requested`` is set, checkpointing).
 
         Returns the best validation metrics so far (empty without validation).
         """
@@ -299,7 +318,7 @@ class Trainer:
                     window[k] = window.get(k, 0.0) + v
                 seen, count = seen + blur.shape[0] * self.world, count + 1
                 bar.update(1)
-                stop = self.step >= stop_at or self._out_of_time(deadline)
+                stop = self.step >= stop_at or self._should_stop(deadline)
                 if self.step % cfg.log.every == 0 or stop:
                     means = self._reduce({k: v / count for k, v in window.items()})
                     rate = seen / (time.perf_counter() - tick)
@@ -326,13 +345,14 @@ class Trainer:
         self._barrier()
         return best
 
-    def _out_of_time(self, deadline: float | None) -> bool:
-        if deadline is None:
-            return False
-        late = torch.tensor(float(time.monotonic() > deadline), device=self.device)
+    def _should_stop(self, deadline: float | None) -> bool:
+        """Past the deadline or asked to stop, on any process (then on all of them)."""
+        stop = self.stop_requested or (deadline is not None and time.monotonic() > deadline)
         if self.world > 1:
-            dist.all_reduce(late, op=dist.ReduceOp.MAX)
-        return bool(late.item())
+            flag = torch.tensor(float(stop), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
 
     def _validate_and_keep(self, logger: _Logs | None, best: dict[str, Any]) -> dict[str, Any]:
         if self.rank == 0:
@@ -371,7 +391,7 @@ def _read_best(out_dir: Path) -> dict[str, Any]:
     path = out_dir / "best.pt"
     if not path.exists():
         return {}
-    return torch.load(path, map_location="cpu", weights_only=False)["metrics"]
+    return load_checkpoint(path)["metrics"]
 
 
 class _Logs:

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from algnet_core import ALGNet
+
+from .engine import load_checkpoint
 
 CARD_TEMPLATE = """---
 library_name: algnet
@@ -132,7 +133,7 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty: choose a new folder or pass --overwrite")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     model = ALGNet(**state["model_kwargs"])
     model.load_state_dict(state["model"])
     model.save_pretrained(out_dir)
