@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers import TINY, randomise
+import torch.nn.functional as F
+from helpers import TINY, randomise, require_shared
 from safetensors.torch import load_file
 
 from algnet_core import PRESETS, ALGNet
@@ -131,17 +132,81 @@ def test_ablation_variants(branches, aggregation, absent, present):
     assert y.shape == x.shape and torch.isfinite(y).all()
 
 
-def test_ablation_aggregations_compute_what_they_say():
-    fa, plain = randomise(ALGBlock(8, "both", "fa")), ALGBlock(8, "both", "sum")
-    shared_weights = {k: v for k, v in fa.state_dict().items() if k in plain.state_dict()}
-    plain.load_state_dict(shared_weights, strict=True)
+@pytest.mark.parametrize(
+    ("branches", "aggregation"),
+    [("both", "fa"), ("both", "sum"), ("both", "concat"), ("global", "fa"), ("local", "fa")],
+)
+def test_ablations_equal_their_branches_composed_by_hand(branches, aggregation):
+    """F_A of each ablation from its branches' outputs, then X + F_A and the gated FFN (module docs)."""
+    block = randomise(ALGBlock(8, branches, aggregation), seed=1).double()
+    x = torch.randn(2, 8, 10, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        x = torch.randn(1, 8, 10, 10)
-        assert not torch.allclose(fa(x), plain(x), atol=1e-4)
-        fa.inside_all.zero_()  # W = 1 + inside_all = 1: FA reduces to the plain sum
-        assert torch.allclose(fa(x), plain(x), atol=1e-6)
+        s = block.sg(block.conv2(block.conv1(block.norm1(x))))
+        f_g = block.g_layer(s) if branches != "local" else None
+        f_l = block.l_layer(s) if branches != "global" else None
+        lamb = {name: getattr(block, name)[:, None, None] for name in ("lamb_g", "lamb_l") if hasattr(block, name)}
+        if branches == "global":
+            f_a = lamb["lamb_g"] * f_g
+        elif branches == "local":
+            f_a = lamb["lamb_l"] * f_l
+        elif aggregation == "concat":  # lamb_g Conv1x1([F_G, F_L]) with the 2C -> C conv
+            f_a = lamb["lamb_g"] * block.conv3_2(torch.cat([f_g, f_l], dim=1))
+        elif aggregation == "sum":
+            f_a = lamb["lamb_g"] * f_g + lamb["lamb_l"] * f_l
+        else:  # FA: W = 1 + inside_all on the global branch
+            f_a = (1 + block.inside_all) * lamb["lamb_g"] * f_g + lamb["lamb_l"] * f_l
+        y = x + f_a
+        expected = y + block.beta * block.conv5(block.sg(block.conv4(block.norm2(y))))
+        assert torch.allclose(block(x), expected, rtol=0, atol=1e-12)
+        for branch in (f_g, f_l):
+            if branch is not None:  # each branch present is far from zero (measured: 0.012 to 0.021)
+                assert branch.abs().mean() > 1e-3
     with pytest.raises(ValueError, match="aggregation"):
         ALGBlock(8, aggregation="max")
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-6) * weight[:, None, None] + bias[:, None, None]
+
+
+def _conv(x: torch.Tensor, conv: torch.nn.Conv2d, groups: int = 1) -> torch.Tensor:
+    return F.conv2d(x, conv.weight, conv.bias, padding=conv.weight.shape[-1] // 2, groups=groups)
+
+
+def _gate(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1] // 2
+    return x[:, :c] * x[:, c:]
+
+
+def test_baseline_is_the_nafnet_block():
+    """Table 4's Baseline against NAFNet's block written out from its paper (Chen et al., ECCV 2022, Fig. 3c):
+    Z = SG(DWConv3x3(Conv1x1(LN(X)))); Y = X + beta * Conv1x1(Z * SCA(Z)) with SCA(Z) = Conv1x1(GAP(Z));
+    out = Y + gamma * Conv1x1(SG(Conv1x1(LN(Y)))). NAFNet's names here: sca = l_layer.conv1,
+    conv3 = l_layer.conv2, beta = lamb_l, gamma = beta; the rest keep their names."""
+    model = randomise(ALGNet(**{**TINY, "branches": PRESETS["Baseline"]["branches"]}), seed=2).double().eval()
+    block = model.middle_blks[0]  # 128 channels at 1/16 resolution
+    x = torch.randn(1, 128, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = _gate(_conv(_conv(_layer_norm(x, block.norm1.weight, block.norm1.bias), block.conv1), block.conv2, 256))
+        sca = _conv(z.mean(dim=(2, 3), keepdim=True), block.l_layer.conv1)
+        y = x + block.lamb_l[:, None, None] * _conv(z * sca, block.l_layer.conv2)
+        ffn = _conv(_gate(_conv(_layer_norm(y, block.norm2.weight, block.norm2.bias), block.conv4)), block.conv5)
+        expected = y + block.beta * ffn
+        assert torch.allclose(block(x), expected, rtol=0, atol=1e-12)
+        assert (expected - x).abs().mean() > 0.01  # an active block, not the identity (measured: 0.065)
+
+
+def test_missing_reference_data_skips_or_fails_under_ci(tmp_path, monkeypatch):
+    """What the ``shared`` fixture does without ../shared: skip with one reason, or fail when CI=true."""
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="reference data not found at .*absent"):
+        require_shared(tmp_path / "absent")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must have it"):
+        require_shared(tmp_path / "absent")
+    assert require_shared(tmp_path) == tmp_path
 
 
 def test_local_pooling_equals_global_on_small_inputs_and_differs_on_large(tiny_model):
