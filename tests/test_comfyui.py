@@ -3,21 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from huggingface_hub import constants
+from packaging.utils import canonicalize_name
 from safetensors.torch import save_file
 
-from algnet_core import ALGNet
+from algnet_core import ALGNet, WeightsError, deblur_tensor, hub, list_models
 from algnet_plugin.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from algnet_plugin.comfyui import nodes as comfy_nodes
 from algnet_plugin.comfyui.nodes import ALGNetDeblur, ALGNetModelLoader
 
-WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+COMFYUI_PACKAGES = {
+    canonicalize_name(name)
+    for name in (
+        # ComfyUI's requirements.txt
+        *("torch", "torchsde", "torchvision", "einops", "transformers", "tokenizers"),
+        *("sentencepiece", "safetensors", "aiohttp", "yarl", "pyyaml", "Pillow", "scipy", "tqdm", "psutil"),
+        *("kornia", "spandrel", "soundfile", "av", "pydantic", "alembic", "SQLAlchemy", "numpy"),
+        "huggingface-hub",  # a requirement of transformers
+    )
+}
+"""What a ComfyUI installation has: its requirements and huggingface-hub (through transformers)."""
+
+
+@pytest.fixture(autouse=True)
+def no_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reaches for the Hub: it is unreachable and the Hugging Face cache is empty."""
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
 
 
 class Interrupted(Exception):
@@ -27,10 +49,12 @@ class Interrupted(Exception):
 @pytest.fixture
 def fake_comfyui(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
     """Minimal ``comfy.model_management``, ``comfy.utils`` and ``folder_paths`` that record their calls."""
-    record = SimpleNamespace(progress=[], interrupted=False, freed=[], models_dir=tmp_path / "models")
+    record = SimpleNamespace(
+        progress=[], interrupted=False, freed=[], models_dir=tmp_path / "models", offload_device=torch.device("cpu")
+    )
     mm = ModuleType("comfy.model_management")
     mm.get_torch_device = lambda: torch.device("cpu")
-    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = lambda: record.offload_device
     mm.module_size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())
     mm.free_memory = lambda size, device: record.freed.append(size)
     mm.should_use_fp16 = mm.should_use_bf16 = lambda device: False
@@ -124,9 +148,8 @@ def test_deblur_node_runs_every_image_of_an_odd_sized_batch(tiny_model: ALGNet) 
     (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=0, overlap=0)
     assert out.shape == (2, 37, 53, 3) and out.dtype == torch.float32
     assert 0 <= out.min() and out.max() <= 1
-    with torch.no_grad():
-        expected = torch.cat([tiny_model(one.movedim(-1, 1).contiguous()) for one in image.split(1)])
-        expected = expected.clamp(0, 1).movedim(1, -1)
+    alone = [deblur_tensor(one.movedim(-1, 1), tiny_model, tile=None, overlap=0) for one in image.split(1)]
+    expected = torch.cat(alone).clamp(0, 1).movedim(1, -1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)  # a batch of 2 may sum in another order
 
 
@@ -155,12 +178,14 @@ def test_deblur_node_rejects_channels_first_tensors(tiny_model: ALGNet) -> None:
         ALGNetDeblur().deblur(torch.rand(1, 3, 32, 32), tiny_model, tile=0, overlap=0)
 
 
-def test_in_comfyui_progress_bar_counts_tiles(fake_comfyui: SimpleNamespace, tiny_model: ALGNet) -> None:
+def test_in_comfyui_progress_bar_counts_up_to_its_total(fake_comfyui: SimpleNamespace, tiny_model: ALGNet) -> None:
     image = torch.rand(2, 40, 40, 3)
     (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=32, overlap=8)
     assert out.shape == image.shape
     assert fake_comfyui.freed and fake_comfyui.progress
-    assert fake_comfyui.progress == [(done, 8) for done in range(1, 9)]  # 2 images x 2x2 tiles
+    total = fake_comfyui.progress[0][1]
+    assert total % 8 == 0  # 2 images x 2x2 tiles, each counted whole or by its ALGBlocks
+    assert fake_comfyui.progress == [(done, total) for done in range(1, total + 1)]
 
 
 def test_in_comfyui_cancel_raises_comfyuis_interrupt(fake_comfyui: SimpleNamespace, tiny_model: ALGNet) -> None:
@@ -222,3 +247,59 @@ def test_example_workflow_links_and_widgets_fit_the_nodes(path: Path) -> None:
                 assert value in spec[0]
             elif spec[0] == "INT":
                 assert spec[1]["min"] <= value <= spec[1]["max"]
+
+
+def _cache_hub_copy(cache: Path, repo_id: str) -> None:
+    """Put a Hub repository's config and weights in the Hugging Face cache layout, as a download leaves them."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in (hub.CONFIG_NAME, hub.WEIGHTS_NAME):
+        (snapshot / name).write_text("{}")
+
+
+def test_loader_offers_hub_only_models_while_reachable_or_once_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    offline = [n for n in list_models() if hub.REGISTRY[n].bundled is not None]
+    hub_only = [n for n in list_models() if hub.REGISTRY[n].bundled is None]
+    assert offline[:2] == ["motion", "defocus"] and len(hub_only) == 2
+    assert ALGNetModelLoader.INPUT_TYPES()["required"]["model"][0] == offline
+    _cache_hub_copy(Path(constants.HF_HUB_CACHE), hub.REGISTRY[hub_only[0]].repo_id)
+    assert ALGNetModelLoader.INPUT_TYPES()["required"]["model"][0] == [*offline, hub_only[0]]
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    assert ALGNetModelLoader.INPUT_TYPES()["required"]["model"][0] == list_models()
+
+
+def test_loader_error_names_a_corrupt_file(fake_comfyui: SimpleNamespace) -> None:
+    folder = fake_comfyui.models_dir / "algnet"
+    folder.mkdir(parents=True)
+    (folder / "broken.safetensors").write_bytes(b"\xff" * 64)  # header length 2**64-1: "header too large"
+    save_file({"weight": torch.zeros(2)}, folder / "other.safetensors")
+    assert {"broken.safetensors", "other.safetensors"} <= set(ALGNetModelLoader.INPUT_TYPES()["required"]["model"][0])
+    with pytest.raises(WeightsError, match=r"broken\.safetensors is not a readable safetensors file.*header"):
+        ALGNetModelLoader().load("broken.safetensors")
+    with pytest.raises(WeightsError, match=r"other\.safetensors is not the state dict of an ALGNet"):
+        ALGNetModelLoader().load("other.safetensors")
+
+
+def test_loader_sees_new_and_re_exported_files_without_a_restart(
+    fake_comfyui: SimpleNamespace, tiny_model: ALGNet
+) -> None:
+    folder = fake_comfyui.models_dir / "algnet"
+    folder.mkdir(parents=True)
+    assert "bare.safetensors" not in ALGNetModelLoader.INPUT_TYPES()["required"]["model"][0]
+    save_file(tiny_model.state_dict(), folder / "bare.safetensors")
+    tiny_model.save_pretrained(folder / "finetuned")
+    choices = ALGNetModelLoader.INPUT_TYPES()["required"]["model"][0]
+    assert {"bare.safetensors", "finetuned/model.safetensors"} <= set(choices)
+
+    assert ALGNetModelLoader.IS_CHANGED("motion") == ALGNetModelLoader.IS_CHANGED("motion")
+    for name, path in [("bare.safetensors", folder / "bare.safetensors"), ("finetuned/model.safetensors", None)]:
+        before = ALGNetModelLoader.IS_CHANGED(name)
+        assert ALGNetModelLoader.IS_CHANGED(name) == before  # untouched: ComfyUI keeps the loaded model
+        changed = path or folder / "finetuned" / "config.json"
+        stat = changed.stat()
+        os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # re-exported in place
+        assert ALGNetModelLoader.IS_CHANGED(name) != before

@@ -12,9 +12,11 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from algnet_core import ALGNet, DeblurCancelled, deblur_tensor, list_models, load_model
+from algnet_core import ALGNet, DeblurCancelled, WeightsError, deblur_tensor, hub, list_models, load_model
+from algnet_core.hub import CONFIG_NAME, WEIGHTS_NAME
 from algnet_core.inference import BYTES_PER_PIXEL_PER_WIDTH
 
 from .checkpoint import model_from_state_dict
@@ -59,8 +61,25 @@ def _local_files() -> list[str]:
     return list(folder_paths.get_filename_list(MODELS_FOLDER))
 
 
-def _load_local_file(name: str) -> ALGNet:
-    """``models/algnet/<name>``: a ``save_pretrained`` folder's ``model.safetensors``, or a bare state dict."""
+def _loads_offline(name: str) -> bool:
+    """Whether the registered model ``name`` loads without the Hub: bundled, or in the Hugging Face cache."""
+    try:
+        hub.resolve_files(name, local_files_only=True)
+    except WeightsError:
+        return False
+    return True
+
+
+def available_models() -> list[str]:
+    """The registered models that can be loaded now: all of them while the Hub can be reached, else those
+    bundled or in the Hugging Face cache (the Hub is probed only when some model is neither)."""
+    names = list_models()
+    offline = [name for name in names if _loads_offline(name)]
+    return names if len(offline) < len(names) and hub.hub_reachable() else offline
+
+
+def _local_path(name: str) -> str:
+    """The full path of ``models/algnet/<name>``; FileNotFoundError naming the folders searched."""
     import folder_paths
 
     path = folder_paths.get_full_path(MODELS_FOLDER, name)
@@ -68,10 +87,31 @@ def _load_local_file(name: str) -> ALGNet:
         raise FileNotFoundError(
             f"ALGNet model file {name!r} not found in {folder_paths.get_folder_paths(MODELS_FOLDER)}"
         )
+    return path
+
+
+def _weight_files(path: str) -> list[str]:
+    """The files a ``models/algnet`` entry loads from: the file, and ``config.json`` of a ``save_pretrained``
+    folder (``<folder>/model.safetensors``)."""
     folder, filename = os.path.split(path)
-    if filename == "model.safetensors" and os.path.isfile(os.path.join(folder, "config.json")):
-        return load_model(folder, device="cpu")
-    model = model_from_state_dict(load_file(path))
+    config = os.path.join(folder, CONFIG_NAME)
+    return [config, path] if filename == WEIGHTS_NAME and os.path.isfile(config) else [path]
+
+
+def _load_local_file(name: str) -> ALGNet:
+    """``models/algnet/<name>``: a ``save_pretrained`` folder's ``model.safetensors``, or a bare state dict."""
+    path = _local_path(name)
+    files = _weight_files(path)
+    if len(files) == 2:
+        return load_model(os.path.dirname(path), device="cpu")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from err
+    try:
+        model = model_from_state_dict(state)
+    except (ValueError, RuntimeError) as err:
+        raise WeightsError(f"{path} is not the state dict of an ALGNet: {err}") from err
     model.provenance = {"model_id": path, "revision": None, "source": "local"}
     return model
 
@@ -83,13 +123,18 @@ class ALGNetModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        """A choice of registered models and local files, and an optional Hub repo id that overrides it."""
-        names = list_models()
+        """The registered models that can load now and the files of ``models/algnet`` (both read afresh on
+        every call, so new files show up without a restart), and an optional Hub repo id that overrides them."""
+        choices = [*available_models(), *_local_files()]
         return {
             "required": {
                 "model": (
-                    [*names, *_local_files()],
-                    {"default": names[0], "tooltip": "Registered model or a .safetensors in models/algnet."},
+                    choices,
+                    {
+                        "default": choices[0] if choices else "",
+                        "tooltip": "Registered model (Hub-only ones while the Hub can be reached or once "
+                        "cached) or a .safetensors in models/algnet.",
+                    },
                 ),
             },
             "optional": {
@@ -99,6 +144,18 @@ class ALGNetModelLoader:
                 ),
             },
         }
+
+    @classmethod
+    def IS_CHANGED(cls, model: str, hub_repo_id: str = "") -> str:
+        """For a ``models/algnet`` file: its path, modification time and size (with its folder's config), so
+        that a file re-exported in place is loaded afresh; "" for registered models and Hub repo ids."""
+        if hub_repo_id.strip() or model in list_models():
+            return ""
+        try:
+            files = _weight_files(_local_path(model))
+        except FileNotFoundError:
+            return "missing"  # load() then says which folders were searched
+        return ";".join(f"{f}:{os.stat(f).st_mtime_ns}:{os.stat(f).st_size}" for f in files)
 
     RETURN_TYPES = (MODEL_TYPE,)
     RETURN_NAMES = ("algnet_model",)
