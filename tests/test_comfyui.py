@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
 from huggingface_hub import constants
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from safetensors.torch import save_file
 
-from algnet_core import ALGNet, WeightsError, deblur_tensor, hub, list_models
+from algnet_core import ALGNet, WeightsError, deblur_tensor, hub, list_models, scan
 from algnet_plugin.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from algnet_plugin.comfyui import nodes as comfy_nodes
 from algnet_plugin.comfyui.nodes import ALGNetDeblur, ALGNetModelLoader
@@ -303,3 +308,57 @@ def test_loader_sees_new_and_re_exported_files_without_a_restart(
         stat = changed.stat()
         os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # re-exported in place
         assert ALGNetModelLoader.IS_CHANGED(name) != before
+
+
+@pytest.fixture
+def fresh_scan_warning() -> None:
+    comfy_nodes._warn_once_without_cpu_scan.cache_clear()
+    yield
+    comfy_nodes._warn_once_without_cpu_scan.cache_clear()
+
+
+def test_without_the_compiled_cpu_scan_the_log_says_so_once(
+    fresh_scan_warning: None, tiny_model: ALGNet, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    image = torch.rand(1, 16, 16, 3)
+    caplog.set_level(logging.WARNING, logger=comfy_nodes.__name__)
+    if scan.BACKENDS["cpu"].unavailable(torch.device("cpu")) is None:
+        ALGNetDeblur().deblur(image, tiny_model, tile=0, overlap=0)
+        assert not caplog.records  # numba is installed here: nothing to say
+        comfy_nodes._warn_once_without_cpu_scan.cache_clear()
+    missing = dataclasses.replace(
+        scan.BACKENDS["cpu"], unavailable=lambda device: "the numba package is not installed (pip install numba)"
+    )
+    monkeypatch.setitem(scan.BACKENDS, "cpu", missing)
+    for _ in range(2):
+        (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=0, overlap=0)
+        assert out.shape == image.shape
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "compiled CPU selective scan" in warnings[0] and "-m pip install numba" in warnings[0]
+
+
+PACK_IMPORTS = """
+import importlib.metadata, json, sys
+import torch
+from algnet_core import ALGNet
+from algnet_plugin.comfyui.nodes import ALGNetDeblur
+from helpers import TINY
+ALGNetDeblur().deblur(torch.rand(1, 16, 16, 3), ALGNet(**TINY).eval(), tile=0, overlap=0)
+dists = importlib.metadata.packages_distributions()
+print(json.dumps(sorted({d for m in list(sys.modules) for d in dists.get(m.split(".")[0], [])})))
+"""
+
+
+def test_requirements_txt_lists_what_the_pack_needs_beyond_comfyui() -> None:
+    """The distributions the pack imports to deblur, among the project's dependencies, less ComfyUI's own."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    run = subprocess.run([sys.executable, "-c", PACK_IMPORTS], capture_output=True, text=True, env=env, check=True)
+    used = {canonicalize_name(d) for d in json.loads(run.stdout.strip().splitlines()[-1])}
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    specs = {canonicalize_name(r.name): r.specifier for r in map(Requirement, dependencies)}
+    lines = (line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines())
+    listed = {canonicalize_name(r.name): r.specifier for r in map(Requirement, filter(None, lines))}
+    needed = (used & specs.keys()) - COMFYUI_PACKAGES
+    assert "numba" in needed  # the compiled CPU scan
+    assert listed == {name: specs[name] for name in needed}

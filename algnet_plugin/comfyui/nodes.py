@@ -7,7 +7,10 @@ queue to cancel from.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -18,8 +21,11 @@ from safetensors.torch import load_file
 from algnet_core import ALGNet, DeblurCancelled, WeightsError, deblur_tensor, hub, list_models, load_model
 from algnet_core.hub import CONFIG_NAME, WEIGHTS_NAME
 from algnet_core.inference import BYTES_PER_PIXEL_PER_WIDTH
+from algnet_core.scan import BACKENDS
 
 from .checkpoint import model_from_state_dict
+
+log = logging.getLogger(__name__)
 
 CATEGORY = "image/restoration/ALGNet"
 MODEL_TYPE = "ALGNET_MODEL"
@@ -205,6 +211,7 @@ class ALGNetDeblur:
         rgb = image[..., :3].movedim(-1, 1).float()
         mm = _model_management()
         if mm is None:
+            _warn_if_scan_is_slow(next(algnet_model.parameters()).device)
             out = deblur_tensor(rgb, algnet_model, tile or "auto", overlap)
         else:
             out = _deblur_in_comfyui(mm, rgb, algnet_model, tile, overlap)
@@ -214,11 +221,30 @@ class ALGNetDeblur:
         return (out,)
 
 
+def _warn_if_scan_is_slow(device: torch.device) -> None:
+    """On the CPU without the compiled selective scan (numba), say once how to get it."""
+    if device.type == "cpu":
+        _warn_once_without_cpu_scan()
+
+
+@functools.cache
+def _warn_once_without_cpu_scan() -> None:
+    reason = BACKENDS["cpu"].unavailable(torch.device("cpu"))
+    if reason is not None:
+        log.warning(
+            "ALGNet: the compiled CPU selective scan cannot run (%s), so deblurring on the CPU takes about 5x "
+            "longer; to fix it, run: %s -m pip install numba",
+            reason,
+            sys.executable,
+        )
+
+
 def _deblur_in_comfyui(mm: ModuleType, rgb: torch.Tensor, model: ALGNet, tile: int, overlap: int) -> torch.Tensor:
     """On ComfyUI's device and precision, with its progress bar and Cancel; the model goes back after."""
     from comfy.utils import ProgressBar
 
     device = mm.get_torch_device()
+    _warn_if_scan_is_slow(device)
     precision = "float16" if mm.should_use_fp16(device) else "bfloat16" if mm.should_use_bf16(device) else "float32"
     side = min(tile or AUTO_TILE_ESTIMATE, max(rgb.shape[-2:]))
     width = model.intro.out_channels
