@@ -20,6 +20,8 @@ from packaging.utils import canonicalize_name
 from safetensors.torch import save_file
 
 from algnet_core import ALGNet, WeightsError, deblur_tensor, hub, list_models, scan
+from algnet_core import inference as core_inference
+from algnet_core.inference import BYTES_PER_PIXEL_PER_WIDTH, MIN_AUTO_TILE
 from algnet_plugin.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from algnet_plugin.comfyui import nodes as comfy_nodes
 from algnet_plugin.comfyui.nodes import ALGNetDeblur, ALGNetModelLoader
@@ -310,6 +312,46 @@ def test_loader_sees_new_and_re_exported_files_without_a_restart(
         assert ALGNetModelLoader.IS_CHANGED(name) != before
 
 
+def test_deblur_node_states_sizes_as_width_x_height(tiny_model: ALGNet) -> None:
+    with pytest.raises(ValueError, match=r"the image is 12x20 pixels; ALGNet needs at least 16x16"):
+        ALGNetDeblur().deblur(torch.rand(1, 20, 12, 3), tiny_model, tile=0, overlap=0)
+
+
+def test_in_comfyui_the_model_runs_on_the_device_and_goes_back_to_the_offload_device(
+    fake_comfyui: SimpleNamespace, tiny_model: ALGNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = torch.rand(1, 40, 200, 3)
+    rgb = image.movedim(-1, 1)
+    expected = deblur_tensor(rgb, tiny_model, MIN_AUTO_TILE, 8).clamp(0, 1).movedim(1, -1)
+    fake_comfyui.offload_device = torch.device("meta")  # a move there is visible on the parameters
+    moves, core_calls = [], []
+    real_to = tiny_model.to
+    monkeypatch.setattr(tiny_model, "to", lambda device: moves.append(device) or real_to(device))
+
+    def core(batch: torch.Tensor, model: ALGNet, tile: int, overlap: int, **kwargs: object) -> torch.Tensor:
+        core_calls.append((model, tile, kwargs["device"], next(model.parameters()).device))
+        return deblur_tensor(batch, model, tile, overlap, **kwargs)
+
+    monkeypatch.setattr(comfy_nodes, "deblur_tensor", core)
+    monkeypatch.setattr(core_inference, "free_memory", lambda device: 1 << 20)  # auto tile: the smallest
+    (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=0, overlap=8)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert moves == [torch.device("cpu"), torch.device("meta")]
+    assert next(tiny_model.parameters()).device.type == "meta"
+    assert core_calls == [(tiny_model, MIN_AUTO_TILE, "auto", torch.device("cpu"))]  # the moved model, as is
+    module_size = sum(p.numel() * p.element_size() for p in tiny_model.parameters())
+    tile_memory = 40 * MIN_AUTO_TILE * BYTES_PER_PIXEL_PER_WIDTH * tiny_model.intro.out_channels
+    assert fake_comfyui.freed == [module_size + tile_memory]
+
+
+def test_in_comfyui_the_model_goes_back_when_cancelled(fake_comfyui: SimpleNamespace, tiny_model: ALGNet) -> None:
+    fake_comfyui.interrupted = True
+    fake_comfyui.offload_device = torch.device("meta")
+    with pytest.raises(Interrupted):
+        ALGNetDeblur().deblur(torch.rand(1, 40, 40, 3), tiny_model, tile=32, overlap=8)
+    assert next(tiny_model.parameters()).device.type == "meta"
+
+
 @pytest.fixture
 def fresh_scan_warning() -> None:
     comfy_nodes._warn_once_without_cpu_scan.cache_clear()
@@ -362,3 +404,36 @@ def test_requirements_txt_lists_what_the_pack_needs_beyond_comfyui() -> None:
     needed = (used & specs.keys()) - COMFYUI_PACKAGES
     assert "numba" in needed  # the compiled CPU scan
     assert listed == {name: specs[name] for name in needed}
+
+
+@pytest.fixture
+def motion_model() -> ALGNet:
+    (model,) = ALGNetModelLoader().load("motion")  # the bundled weights: the Hub is unreachable here
+    return model
+
+
+def test_deblur_node_leaves_no_seam_on_the_bottom_and_right_edges(motion_model: ALGNet) -> None:
+    """A 250x190 image (neither side a multiple of 16): the last row and column step no more than the input."""
+    h, w = 190, 250
+    y, x = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    smooth = torch.stack([0.3 + 0.4 * x, 0.2 + 0.5 * y, 0.5 + 0.2 * torch.sin(6 * x + 4 * y)], dim=-1)
+    image = (smooth + 0.05 * torch.rand(h, w, 3, generator=torch.Generator().manual_seed(0))).clamp(0, 1)[None]
+    (out,) = ALGNetDeblur().deblur(image, motion_model, tile=0, overlap=32)
+
+    def last_row_step(t: torch.Tensor) -> float:
+        return (t[0, -1] - t[0, -2]).abs().mean().item()
+
+    def last_column_step(t: torch.Tensor) -> float:
+        return (t[0, :, -1] - t[0, :, -2]).abs().mean().item()
+
+    assert last_row_step(out) <= 1.5 * last_row_step(image)
+    assert last_column_step(out) <= 1.5 * last_column_step(image)
+
+
+def test_deblur_node_ensemble_averages_flips_and_stays_close(active_model: ALGNet) -> None:
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    (plain,) = ALGNetDeblur().deblur(image, active_model, tile=0, overlap=0, ensemble=False)
+    (averaged,) = ALGNetDeblur().deblur(image, active_model, tile=0, overlap=0, ensemble=True)
+    assert (averaged - plain).abs().mean() > 1e-3
+    for out in (plain, averaged):
+        assert (out - image).abs().mean() < 0.1

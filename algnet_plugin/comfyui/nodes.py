@@ -1,8 +1,8 @@
 """ComfyUI nodes: "ALGNet Model Loader" and "ALGNet Deblur", thin wrappers over ``algnet_core``.
 
 ComfyUI's modules (``comfy.*``, ``folder_paths``) are imported inside functions and are optional: without
-them (tests, scripts) the nodes run on ``algnet_core``'s own device choice, with no progress bar and no
-queue to cancel from.
+them (tests, scripts) the nodes run on the model's own device, with no progress bar and no queue to cancel
+from. Sizes in messages are width x height, as ComfyUI shows them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from algnet_core import ALGNet, DeblurCancelled, WeightsError, deblur_tensor, hub, list_models, load_model
 from algnet_core.hub import CONFIG_NAME, WEIGHTS_NAME
-from algnet_core.inference import BYTES_PER_PIXEL_PER_WIDTH
+from algnet_core.inference import BYTES_PER_PIXEL_PER_WIDTH, choose_tile
+from algnet_core.model import MULTIPLE
 from algnet_core.scan import BACKENDS
 
 from .checkpoint import model_from_state_dict
@@ -31,8 +32,6 @@ CATEGORY = "image/restoration/ALGNet"
 MODEL_TYPE = "ALGNET_MODEL"
 MODELS_FOLDER = "algnet"
 """``ComfyUI/models/algnet/``, registered with ``folder_paths`` under this name."""
-AUTO_TILE_ESTIMATE = 512
-"""Tile side assumed when asking ComfyUI to free device memory for ``tile=0`` (the core then picks)."""
 
 
 def _model_management() -> ModuleType | None:
@@ -180,11 +179,11 @@ class ALGNetModelLoader:
 class ALGNetDeblur:
     """Deblurs every image of an IMAGE batch (any size from 16x16) tile by tile with an ALGNet."""
 
-    DESCRIPTION = "Removes motion or defocus blur with ALGNet, tile by tile; Cancel stops it between tiles."
+    DESCRIPTION = "Removes motion or defocus blur with ALGNet, tile by tile; Cancel in the queue stops it."
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        """The images, the model, and the tiling (tile 0: the largest tile that fits in memory)."""
+        """The images, the model, the tiling (tile 0: the largest tile that fits in memory) and the ensemble."""
         return {
             "required": {
                 "image": ("IMAGE",),
@@ -197,6 +196,13 @@ class ALGNetDeblur:
                     "INT",
                     {"default": 32, "min": 0, "max": 512, "step": 8, "tooltip": "Pixels shared by adjacent tiles."},
                 ),
+                "ensemble": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Average over the 8 flips and transposes of each tile: a little better, 8x slower.",
+                    },
+                ),
             }
         }
 
@@ -204,17 +210,22 @@ class ALGNetDeblur:
     FUNCTION = "deblur"
     CATEGORY = CATEGORY
 
-    def deblur(self, image: torch.Tensor, algnet_model: ALGNet, tile: int, overlap: int) -> tuple[torch.Tensor]:
+    def deblur(
+        self, image: torch.Tensor, algnet_model: ALGNet, tile: int, overlap: int, ensemble: bool = False
+    ) -> tuple[torch.Tensor]:
         """IMAGE (float [B, H, W, C] in 0..1, C 3 or 4 with alpha kept) -> the deblurred IMAGE, float32."""
         if image.ndim != 4 or image.shape[-1] not in (3, 4):
             raise ValueError(f"IMAGE must be [B, H, W, 3 or 4]; got shape {tuple(image.shape)}")
+        height, width = image.shape[1:3]
+        if min(height, width) < MULTIPLE:
+            raise ValueError(f"the image is {width}x{height} pixels; ALGNet needs at least {MULTIPLE}x{MULTIPLE}")
         rgb = image[..., :3].movedim(-1, 1).float()
         mm = _model_management()
         if mm is None:
             _warn_if_scan_is_slow(next(algnet_model.parameters()).device)
-            out = deblur_tensor(rgb, algnet_model, tile or "auto", overlap)
+            out = deblur_tensor(rgb, algnet_model, tile or "auto", overlap, ensemble=ensemble)
         else:
-            out = _deblur_in_comfyui(mm, rgb, algnet_model, tile, overlap)
+            out = _deblur_in_comfyui(mm, rgb, algnet_model, tile, overlap, ensemble)
         out = out.clamp(0, 1).movedim(1, -1).to(image.device, torch.float32)
         if image.shape[-1] == 4:
             out = torch.cat([out, image[..., 3:].float()], dim=-1)
@@ -239,27 +250,35 @@ def _warn_once_without_cpu_scan() -> None:
         )
 
 
-def _deblur_in_comfyui(mm: ModuleType, rgb: torch.Tensor, model: ALGNet, tile: int, overlap: int) -> torch.Tensor:
-    """On ComfyUI's device and precision, with its progress bar and Cancel; the model goes back after."""
+def _deblur_in_comfyui(
+    mm: ModuleType, rgb: torch.Tensor, model: ALGNet, tile: int, overlap: int, ensemble: bool
+) -> torch.Tensor:
+    """On ComfyUI's device and precision, with its progress bar and Cancel, as ComfyUI's upscale node does:
+    ComfyUI frees memory for the model and one batch of tiles (tile 0: the core's automatic tile), the
+    model moves to the device for the run and back to ComfyUI's offload device after it."""
     from comfy.utils import ProgressBar
 
     device = mm.get_torch_device()
     _warn_if_scan_is_slow(device)
     precision = "float16" if mm.should_use_fp16(device) else "bfloat16" if mm.should_use_bf16(device) else "float32"
-    side = min(tile or AUTO_TILE_ESTIMATE, max(rgb.shape[-2:]))
     width = model.intro.out_channels
-    mm.free_memory(mm.module_size(model) + side * side * BYTES_PER_PIXEL_PER_WIDTH * width, device)
+    side = tile or choose_tile(width, device)
+    height, image_width = rgb.shape[-2:]
+    tile_pixels = min(side, height) * min(side, image_width)
+    mm.free_memory(mm.module_size(model) + tile_pixels * BYTES_PER_PIXEL_PER_WIDTH * width, device)
     bar = ProgressBar(1)
     try:
+        model.to(device)
         return deblur_tensor(
             rgb,
             model,
-            tile or "auto",
+            side,
             overlap,
             progress=lambda done, total: bar.update_absolute(done, total),
             cancel=mm.processing_interrupted,
-            device=device,
+            device="auto",  # the model as it is, on ``device``: no copy
             precision=precision,
+            ensemble=ensemble,
         )
     except DeblurCancelled:
         mm.throw_exception_if_processing_interrupted()
