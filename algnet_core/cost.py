@@ -1,10 +1,10 @@
 """What ALGNet costs, counted honestly, next to the paper-style count (``../shared/reference/COSTS.md``).
 
 The network runs on the ``meta`` device (shapes only, no arithmetic) under
-:class:`torch.utils.flop_counter.FlopCounterMode`, which sees every convolution and matrix product, and
-forward hooks on the global branches record the selective scan's size: B*L*d_inner*d_state
-(position, channel, state) elements, each costing :data:`SCAN_FLOPS_PER_ELEMENT` FLOPs
-(dA = exp(delta*A): 2, B*(delta*u): 1, state update: 2, C readout: 2).
+:class:`torch.utils.flop_counter.FlopCounterMode`, which sees every convolution and matrix product; the
+selective scan does nothing there (whichever backend is chosen), and forward hooks on the global branches
+record its size: B*L*d_inner*d_state (position, channel, state) elements, each costing
+:data:`SCAN_FLOPS_PER_ELEMENT` FLOPs (dA = exp(delta*A): 2, B*(delta*u): 1, state update: 2, C readout: 2).
 
 The paper-style figure is what module-hook counters (thop, ptflops) report when Mamba runs its fused
 CUDA path: only the Conv2d layers. It misses Mamba's projections and the scan altogether, which is how
@@ -65,9 +65,8 @@ def count_cost(config: dict, height: int = 256, width: int = 256) -> Cost:
     ops = counts["Global"]
     aten = torch.ops.aten
     conv = ops.get(aten.convolution, 0)
-    # Matrix products: Mamba's projections (bmm) and any Linear. The chunked scan that runs on the meta
-    # device also reads its states out with a bmm of one MAC per scan element: counted in scan_flops.
-    matmul = ops.get(aten.mm, 0) + ops.get(aten.addmm, 0) + ops.get(aten.bmm, 0) - 2 * scan_elements
+    # Matrix products: Mamba's projections (bmm) and any Linear; none from the scan (empty on ``meta``).
+    matmul = ops.get(aten.mm, 0) + ops.get(aten.addmm, 0) + ops.get(aten.bmm, 0)
     mamba_conv = sum(c.get(aten.convolution, 0) for name, c in counts.items() if name.endswith(".mamba"))
     return Cost(
         params=sum(p.numel() for p in model.parameters()),

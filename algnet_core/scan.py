@@ -27,6 +27,7 @@ kernel always in float32) and the result is cast back to the dtype of ``u``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -95,15 +96,25 @@ def _skip_and_gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out
 
 
 def _run_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False) -> Tensor:
-    out_dtype = u.dtype
-    u, delta, A, B, C = _discretisation_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
-    state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d_inner, d_state)
+    """The specification, written out step by step; it shares no code with the backends it checks."""
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    x, dt, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    state = x.new_zeros(x.shape[0], x.shape[1], A.shape[1])  # (b, d_inner, d_state)
     ys = []
-    for t in range(u.shape[2]):
-        decay = torch.exp(delta[:, :, t, None] * A)  # (b, d_inner, d_state)
-        state = decay * state + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
+    for t in range(x.shape[2]):
+        decay = torch.exp(dt[:, :, t, None] * A)  # (b, d_inner, d_state)
+        state = decay * state + (dt[:, :, t] * x[:, :, t])[:, :, None] * B[:, None, :, t]
         ys.append(torch.einsum("bdn,bn->bd", state, C[:, :, t]))
-    return _skip_and_gate(torch.stack(ys, dim=2), u, D, z, out_dtype)
+    y = torch.stack(ys, dim=2)
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * x
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y.to(u.dtype)
 
 
 def _scan_chunk(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,11 +192,17 @@ def _needs(device_type: str, package: str, kernel: str, install: str) -> Callabl
     def unavailable(device: torch.device) -> str | None:
         if device.type != device_type:
             return f"{kernel} on {device_type.upper()} tensors only (got {device.type})"
-        if importlib.util.find_spec(package) is None:
+        if not _installed(package):
             return f"the {package} package is not installed ({install})"
         return None
 
     return unavailable
+
+
+@functools.cache
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported; looked up once per process (ALGNet runs ~40 scans per forward)."""
+    return importlib.util.find_spec(package) is not None
 
 
 BACKENDS: dict[str, ScanBackend] = {
@@ -244,8 +261,13 @@ def selective_scan(
     delta_softplus: bool = False,
     backend: str | None = None,
 ) -> Tensor:
-    """Run the selective scan; returns (batch, d_inner, L) in the dtype of ``u``. See the module docs."""
+    """Run the selective scan; returns (batch, d_inner, L) in the dtype of ``u``. See the module docs.
+
+    On the ``meta`` device (shapes only: cost counting) no backend runs; the result is an empty tensor.
+    """
     name = resolve_backend(backend, u.device)
+    if u.device.type == "meta":
+        return torch.empty_like(u)
     if (name, u.device.type) not in _announced:
         _announced.add((name, u.device.type))
         log.info("selective scan: backend %r on %s", name, u.device.type)

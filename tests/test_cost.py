@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from algnet_core import PRESETS
+from algnet_core import PRESETS, scan
 from algnet_core.cost import count_cost, describe
 
 
@@ -32,3 +34,15 @@ def test_describe_names_every_figure():
         assert word in text
     with pytest.raises(ValueError, match="unknown preset"):
         describe("ALGNet-XL")
+
+
+def test_counts_do_not_depend_on_how_a_scan_backend_computes(monkeypatch):
+    def no_arithmetic(*args, **kwargs):
+        raise AssertionError("a scan backend ran on the meta device")
+
+    for name, backend in scan.BACKENDS.items():
+        monkeypatch.setitem(scan.BACKENDS, name, dataclasses.replace(backend, run=no_arithmetic))
+    for name in ("reference", "chunked", "auto"):
+        monkeypatch.setenv(scan.ENV_VAR, name)
+        c = count_cost(PRESETS["ALGNet-S"], 64, 96)
+        assert (c.conv_macs, c.matmul_macs, c.scan_elements) == (213_153_536, 195_821_568, 29_097_984), name

@@ -93,8 +93,8 @@ def test_cpu_is_auto_selected_on_cpu_only(monkeypatch):
 
 
 def test_cpu_unavailable_without_numba(monkeypatch):
-    find_spec = scan.importlib.util.find_spec
-    monkeypatch.setattr(scan.importlib.util, "find_spec", lambda name: None if name == "numba" else find_spec(name))
+    installed = scan._installed
+    monkeypatch.setattr(scan, "_installed", lambda package: package != "numba" and installed(package))
     assert "pip install numba" in BACKENDS["cpu"].unavailable(torch.device("cpu"))
     with pytest.raises(RuntimeError, match="numba"):
         resolve_backend("cpu", torch.device("cpu"))
