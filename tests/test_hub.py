@@ -15,20 +15,14 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
+from helpers import TINY
 from huggingface_hub import constants
 
 from algnet_core import hub
 from algnet_core.hub import WeightsError, from_pretrained, load_model
 from algnet_core.model import PRESETS, ALGNet
 
-TINY = dict(width=8, middle_blk_num=1, enc_blk_nums=(1, 1, 1, 1), dec_blk_nums=(1, 1, 1, 1))
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ALGNet:
-    torch.manual_seed(0)
-    return ALGNet(**TINY).eval()
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +31,8 @@ def image() -> torch.Tensor:
 
 
 @pytest.fixture
-def saved(tiny: ALGNet, tmp_path: Path) -> Path:
-    tiny.save_pretrained(tmp_path / "tiny")
+def saved(active_model: ALGNet, tmp_path: Path) -> Path:
+    active_model.save_pretrained(tmp_path / "tiny")
     return tmp_path / "tiny"
 
 
@@ -109,11 +103,11 @@ def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
-def test_save_pretrained_round_trip_gives_identical_outputs(tiny, saved, image) -> None:
+def test_save_pretrained_round_trip_gives_identical_outputs(active_model, saved, image) -> None:
     loaded = ALGNet.from_pretrained(saved)
     assert loaded.provenance["source"] == "local"
     with torch.inference_mode():
-        assert torch.equal(loaded(image), tiny(image))
+        assert torch.equal(loaded(image), active_model(image))
 
 
 def test_load_model_returns_an_instance_unchanged() -> None:
@@ -122,7 +116,7 @@ def test_load_model_returns_an_instance_unchanged() -> None:
     assert model.training and not hasattr(model, "provenance")
 
 
-def test_hub_download_then_cache_when_offline(tiny, fake_hub, hub_env, image, monkeypatch) -> None:
+def test_hub_download_then_cache_when_offline(active_model, fake_hub, hub_env, image, monkeypatch) -> None:
     online = ALGNet.from_pretrained("test/tiny")
     assert online.provenance["source"] == "hub"
     assert Path(online.provenance["path"]).is_relative_to(hub_env)
@@ -130,7 +124,7 @@ def test_hub_download_then_cache_when_offline(tiny, fake_hub, hub_env, image, mo
     cached = load_model("test/tiny", "cpu")
     assert cached.provenance["source"] == "cache"
     with torch.inference_mode():
-        assert torch.equal(cached(image), tiny(image))
+        assert torch.equal(cached(image), active_model(image))
 
 
 def test_registered_name_checks_its_preset_and_falls_back_to_bundled(fake_hub, monkeypatch, caplog) -> None:
@@ -255,8 +249,8 @@ def test_detect_preset_of_the_papers_models(preset) -> None:
     assert hub.detect_preset(state) == preset
 
 
-def test_convert_refuses_anything_else(tiny, tmp_path) -> None:
-    torch.save({"params": tiny.state_dict()}, tmp_path / "tiny.pth")
+def test_convert_refuses_anything_else(active_model, tmp_path) -> None:
+    torch.save({"params": active_model.state_dict()}, tmp_path / "tiny.pth")
     with pytest.raises(WeightsError, match="not a checkpoint of a known ALGNet configuration"):
         hub.convert_checkpoint(tmp_path / "tiny.pth", tmp_path / "out")
     torch.save({"epoch": 3, "optimizer": [1, 2]}, tmp_path / "other.pth")

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from helpers import TINY
 from PIL import Image
 
+from algnet_core import ALGNet
 from algnet_core.imageio import Stack, write_image
 from algnet_core.publish import main as publish_main
 from train import kernels
+from train.__main__ import main as train_main
 from train.benchmark import make_benchmark
 from train.config import Config, load_config
 from train.data import (
@@ -27,13 +33,11 @@ from train.data import (
     read_image,
     realblur_pairs,
 )
-from train.engine import Trainer
+from train.engine import Trainer, load_checkpoint
 from train.export import eval_rows, export_checkpoint
 from train.losses import MultiScaleLoss, charbonnier, edge_loss, frequency_loss, laplacian
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-TINY = {"width": 8, "middle_blk_num": 1, "enc_blk_nums": [1, 1, 1, 1], "dec_blk_nums": [1, 1, 1, 1]}
 
 
 def smooth_photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -180,6 +184,52 @@ def test_fine_tuning_starts_from_the_checkpoints_ema_weights_with_a_fresh_schedu
     assert any(not torch.equal(fresh.model.state_dict()[k], v) for k, v in first.ema.model.state_dict().items())
 
 
+def _run_train_command(photos: Path, out: Path, *args: str) -> None:
+    """``python -m train`` in this process on a tiny config with a validation set, then its signal handlers
+    (SIGTERM/SIGINT stop the run) are put back."""
+    raw = tiny_config(photos, out / "run", steps=3, ema_decay=0.5).to_dict()
+    raw["data"]["val"] = {"kind": "synthetic", "folders": [str(photos)], "limit": 2}  # 2 whole 40x48 photos
+    raw["log"]["val_every"] = 2
+    raw["export"]["dir"] = str(out / "export")
+    (out / "config.yaml").write_text(yaml.safe_dump(raw))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert train_main([str(out / "config.yaml"), *args]) == 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def test_a_run_validates_keeps_its_best_step_and_exports_those_weights(photos: Path, tmp_path: Path) -> None:
+    _run_train_command(photos, tmp_path)
+    run = tmp_path / "run"
+    with (run / "val.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 3]  # every log.val_every steps, and at the end
+    assert all(int(r["images"]) == 2 and 0 < float(r["ssim"]) <= 1 for r in rows)
+    top = max(rows, key=lambda r: float(r["psnr"]))
+    best = load_checkpoint(run / "best.pt")
+    assert best["step"] == best["metrics"]["step"] == int(top["step"])
+    assert best["metrics"]["psnr"] == float(top["psnr"]) and best["metrics"]["images"] == 2
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+    # The export holds best.pt's weights: validated again, they score the PSNR stored with them.
+    exported = ALGNet.from_pretrained(tmp_path / "export")
+    for name, value in best["model"].items():
+        assert torch.equal(exported.state_dict()[name], value), name
+    trainer = Trainer(Config.from_dict(best["config"]))
+    trainer.ema.model.load_state_dict(exported.state_dict())
+    assert trainer.validate()["psnr"] == pytest.approx(best["metrics"]["psnr"], rel=1e-6)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"| validation (tiny, step {top['step']}) | 2 | {float(top['psnr_blurry']):.2f} |" in card
+
+
+def test_minutes_stop_a_run_after_the_current_step_without_exporting(photos: Path, tmp_path: Path) -> None:
+    _run_train_command(photos, tmp_path, "--minutes", "1e-9")  # the deadline has passed after any step
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 1
+    assert len((tmp_path / "run" / "train.csv").read_text().splitlines()) == 2  # header + step 1
+    assert not (tmp_path / "run" / "val.csv").exists() and not (tmp_path / "export").exists()
+
+
 # ----------------------------------------------------------------------------------------- data
 def test_paired_crops_and_flips_keep_blur_and_sharp_aligned(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
@@ -286,8 +336,8 @@ def _lit_per_extent(kernel: np.ndarray) -> float:
     return lit.sum() / (max(np.ptp(rows), np.ptp(cols)) + 1)
 
 
-def test_motion_kernels_are_strokes_like_real_camera_shake() -> None:
-    levin = np.load(SHARED / "data" / "kernels" / "levin09.npz")
+def test_motion_kernels_are_strokes_like_real_camera_shake(shared: Path) -> None:
+    levin = np.load(shared / "data" / "kernels" / "levin09.npz")
     real = [_lit_per_extent(levin[name]) for name in levin.files]  # 2.4 .. 4.0
     rng = np.random.default_rng(0)
     ours = [_lit_per_extent(kernels.motion_kernel(rng, 31, 10, 27)) for _ in range(100)]
@@ -334,24 +384,31 @@ def test_centre_moves_the_centre_of_mass_to_the_middle() -> None:
 
 
 # ----------------------------------------------------------------------------------------- benchmark
-def test_benchmark_builder_is_deterministic(tmp_path: Path) -> None:
+@pytest.fixture
+def benchmark_source(tmp_path: Path) -> Path:
     src = tmp_path / "src"
     src.mkdir()
     rng = np.random.default_rng(5)
     for name in ("a", "b", "c", "d"):
         Image.fromarray(smooth_photo(rng, 40, 44)).save(src / f"{name}.png")
-    one = make_benchmark("disk", tmp_path / "one", source=src)
-    two = make_benchmark("disk", tmp_path / "two", source=src)
+    return src
+
+
+def test_benchmark_builder_is_deterministic(benchmark_source: Path, tmp_path: Path) -> None:
+    one = make_benchmark("disk", tmp_path / "one", source=benchmark_source)
+    two = make_benchmark("disk", tmp_path / "two", source=benchmark_source)
     assert one == two
     assert [it["name"] for it in one["images"]] == ["a_r3.png", "b_r5.png", "c_r8.png", "d_r3.png"]
     assert one["images"][2]["size"] == [40 - 16, 44 - 16]  # valid convolution: half a kernel cropped
     blur = np.asarray(Image.open(tmp_path / "one/blur/a_r3.png"))
     assert blur.shape == np.asarray(Image.open(tmp_path / "one/sharp/a_r3.png")).shape == (34, 38, 3)
     assert one["images"][0]["sha256_blur"] == hashlib.sha256((tmp_path / "one/blur/a_r3.png").read_bytes()).hexdigest()
-    levin = SHARED / "data" / "kernels" / "levin09.npz"
-    if levin.exists():
-        manifest = make_benchmark("levin", tmp_path / "levin", source=src, kernels_file=levin)
-        assert [it["kernel"] for it in manifest["images"]] == ["k0", "k1", "k2", "k3"]
+
+
+def test_levin_benchmark_cycles_through_the_recorded_kernels(benchmark_source: Path, shared: Path, tmp_path) -> None:
+    levin = shared / "data" / "kernels" / "levin09.npz"
+    manifest = make_benchmark("levin", tmp_path / "levin", source=benchmark_source, kernels_file=levin)
+    assert [it["kernel"] for it in manifest["images"]] == ["k0", "k1", "k2", "k3"]
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -382,8 +439,6 @@ def test_shipped_configs_load_and_keep_the_paper_recipe() -> None:
 def exported(tmp_path: Path) -> Path:
     cfg = Config.from_dict({"name": "algnet-tiny", "model": {"preset": "ALGNet-S", "overrides": TINY}})
     torch.manual_seed(0)
-    from algnet_core import ALGNet
-
     model = ALGNet(**cfg.model_kwargs())
     metrics = {"psnr": 30.5, "ssim": 0.91, "psnr_blurry": 25.25, "ssim_blurry": 0.8, "images": 8, "step": 40}
     state = {"step": 40, "model": model.state_dict(), "model_kwargs": cfg.model_kwargs(), "metrics": metrics}
@@ -393,8 +448,6 @@ def exported(tmp_path: Path) -> Path:
 
 
 def test_export_writes_a_loadable_folder_with_a_metrics_card(exported: Path) -> None:
-    from algnet_core import ALGNet
-
     assert json.loads((exported / "config.json").read_text())["width"] == 8
     ALGNet.from_pretrained(exported)
     card = (exported / "README.md").read_text()

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import TINY
 from PIL import Image
 
 from algnet_core import ALGNet
 from train.config import Config
-from train.engine import Trainer
+from train.engine import Trainer, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"width": 8, "middle_blk_num": 1, "enc_blk_nums": [1, 1, 1, 1], "dec_blk_nums": [1, 1, 1, 1]}
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
@@ -55,7 +55,7 @@ def test_two_gloo_processes_train_like_one_process_on_the_global_batch(tmp_path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batch 4 (2 per process x 2)" in result.stderr
-    distributed = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
+    distributed = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert distributed["step"] == 2
 
     single = Trainer(Config.from_dict(raw | {"log": raw["log"] | {"out_dir": str(tmp_path / "single")}}))
