@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SHARED
 
 from algnet_core.imageio import read_image
 from algnet_core.metrics import data_range_of, image_metrics, mae, psnr, ssim
 
-PAIR = SHARED / "data" / "realblur_crop"
-
 
 @pytest.fixture(scope="module")
-def pair() -> tuple[np.ndarray, np.ndarray]:
+def pair(shared: Path) -> tuple[np.ndarray, np.ndarray]:
     """The real RealBlur crop (50x125 RGB, uint8): blurry, sharp."""
-    return tuple(read_image(PAIR / kind / "scene050-6.png").pages[0] for kind in ("blur", "sharp"))
+    folder = shared / "data" / "realblur_crop"
+    return tuple(read_image(folder / kind / "scene050-6.png").pages[0] for kind in ("blur", "sharp"))
 
 
 def test_uint8_pair_gives_the_numbers_published_before_the_merge(pair) -> None:
