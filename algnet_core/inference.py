@@ -7,36 +7,58 @@ several at a time; the network's memory depends on the tile size only. ``tile="a
 multiple of 16 whose estimated working memory fits in half the free memory of the device (capped at
 :data:`CPU_MEMORY_BUDGET` on the CPU), between :data:`MIN_AUTO_TILE` and :data:`MAX_AUTO_TILE`.
 
-Normalisation (explicit and invertible): ``uint8`` is divided by 255 and ``uint16`` by 65535, and the
-result is multiplied back and rounded. Float images already within [0, 1] are used as they are; any other
-float image is mapped linearly from [min, max] of the whole image to [0, 1] and back. The network output
-is clipped to [0, 1] before mapping back, so the result keeps the input's dtype and value range. The
-network computes in float32 (or under float16/bfloat16 autocast). For a dask float array, min and max are
-computed once, eagerly, over the whole array, so that every chunk shares one mapping.
+Normalisation (explicit and invertible; ``normalize=``): the image's values are mapped linearly from a
+(low, high) pair to 0..1, restored, clipped, mapped back, and rounded for integer images, so the result keeps
+the input's dtype and value range.
+
+* ``"dtype"``: ``uint8`` / 255, ``uint16`` / 65535; float images already within [0, 1] as they are, any other
+  float image from its [min, max].
+* ``"range"``: the image's own [min, max] (a 12-bit camera's 58..2336 becomes 0..1).
+* ``"percentile"``: the ``percentiles`` (default 1 and 99.8, as CSBDeep and StarDist) map to 0 and 1; values
+  beyond them reach the network as they are and the result is clipped to the input's [min, max].
+* ``"auto"`` (default): ``"range"`` for ``uint16`` images that use at most :data:`AUTO_RANGE_BITS` bits
+  (microscopy cameras: 12- and 14-bit data), else ``"dtype"``.
+
+The mapping is computed in float64 (so 1e6 + [0, 1] keeps its detail), the network computes in float32 (or
+under float16/bfloat16 autocast). For a dask array the statistics are computed once, eagerly, over the whole
+array, so every chunk shares one mapping (dask's percentiles are approximate).
 
 Channels (last axis): HxW and HxWx1 run through the RGB network as grey RGB and come back as the channel
 mean; HxWx3 is RGB; HxWx4 is RGB plus an alpha channel returned untouched; any other channel count is
 deblurred channel by channel, each as grey RGB. The input is never modified (a big-endian array comes
 back in native byte order).
 
+Each tile is padded by reflection to a multiple of 16 (as spandrel does), so image sides that are not
+multiples of 16 leave no seam. ``ensemble=True`` averages the restorations of the 8 flips and transposes of
+each tile (the scan then also runs along the other directions): 8x the time. ``progress(done, total)`` is
+called after every ALGBlock of every tile (and ``cancel()`` checked there), so both answer within a fraction
+of a tile.
+
 Rejected with ``ValueError``: empty images, images smaller than 16x16 (one network tile), NaN or Inf
-values, more than three dimensions. Unsupported dtypes (bool, signed integers) raise ``TypeError``.
+values, more than three dimensions, a tile or overlap out of range. Unsupported dtypes (bool, signed
+integers) and inputs that are not arrays raise ``TypeError``; a network output with NaN or Inf values
+(broken weights, or float16 overflow) raises ``RuntimeError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .algblock import ALGBlock
 from .hub import CONFIG_NAME, WEIGHTS_NAME, load_model
 from .model import MULTIPLE, ALGNet
 
@@ -54,6 +76,11 @@ BYTES_PER_PIXEL_PER_WIDTH = 192
 """Peak float32 working memory of an ALGNet forward per input pixel and unit of ``width`` (measured:
 ALGNet-S, width 16, a 512x512 tile: 782 MiB above the loaded model, 3.1 KB per pixel)."""
 MAX_TILES_PER_BATCH = 8
+NORMALIZE_MODES = ("auto", "dtype", "range", "percentile")
+DEFAULT_PERCENTILES = (1.0, 99.8)
+AUTO_RANGE_BITS = 14
+"""``normalize="auto"`` maps a uint16 image by its own range when its maximum is below 2**14."""
+ENSEMBLE_SIZE = 8
 
 
 class DeblurCancelled(RuntimeError):
@@ -153,6 +180,65 @@ def _window(size: int, start: int, length: int, overlap: int) -> Tensor:
     return weights
 
 
+def _dihedral(x: Tensor, k: int, inverse: bool = False) -> Tensor:
+    """The k-th of the 8 flips/transposes of (..., H, W) (bit 0: flip W, bit 1: flip H, bit 2: transpose)."""
+    if inverse and k & 4:
+        x = x.transpose(-1, -2)
+    if k & 1:
+        x = x.flip(-1)
+    if k & 2:
+        x = x.flip(-2)
+    if not inverse and k & 4:
+        x = x.transpose(-1, -2)
+    return x
+
+
+def _restore(net: ALGNet, crops: Tensor, ensemble: bool) -> Tensor:
+    """The network on reflection-padded crops (one pass, or the mean over the 8 dihedral transforms)."""
+    out = torch.zeros_like(crops)
+    passes = ENSEMBLE_SIZE if ensemble else 1
+    for k in range(passes):
+        x = _dihedral(crops, k)
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (0, (-w) % MULTIPLE, 0, (-h) % MULTIPLE), mode="reflect")
+        out += _dihedral(net(padded)[..., :h, :w].float(), k, inverse=True)
+    return out / passes
+
+
+_block_callback: ContextVar[Callable[[], None] | None] = ContextVar("algnet_block_callback", default=None)
+_hooks_lock = threading.Lock()
+_hooks: dict[int, list] = {}  # id(net) -> [hook handles, number of calls using them]
+
+
+def _after_block(_module: torch.nn.Module, _args: object, _output: object) -> None:
+    callback = _block_callback.get()
+    if callback is not None:
+        callback()
+
+
+@contextlib.contextmanager
+def _each_block(net: ALGNet, callback: Callable[[], None]) -> Iterator[int]:
+    """Call ``callback`` after every ALGBlock of ``net`` in this thread (other threads are not affected), while
+    the context lasts; yields the number of ALGBlocks. The hooks are removed when the last user leaves."""
+    with _hooks_lock:
+        entry = _hooks.get(id(net))
+        if entry is None:
+            blocks = [m for m in net.modules() if isinstance(m, ALGBlock)]
+            entry = _hooks[id(net)] = [[b.register_forward_hook(_after_block) for b in blocks], 0]
+        entry[1] += 1
+    token = _block_callback.set(callback)
+    try:
+        yield len(entry[0])
+    finally:
+        _block_callback.reset(token)
+        with _hooks_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                for handle in entry[0]:
+                    handle.remove()
+                del _hooks[id(net)]
+
+
 def _tiled_one(
     net: ALGNet,
     image: Tensor,
@@ -160,7 +246,7 @@ def _tiled_one(
     overlap: int,
     per_batch: int,
     amp: torch.dtype | None,
-    step: Callable[[], None],
+    ensemble: bool,
     cancel: CancelFn | None,
 ) -> Tensor:
     """Restore one (C, H, W) float32 image by blended overlapping tiles."""
@@ -176,12 +262,15 @@ def _tiled_one(
         group = boxes[i : i + per_batch]
         crops = torch.stack([image[:, y : y + th, x : x + tw] for y, x in group]).to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            restored = net(crops).float().to(image.device)
+            restored = _restore(net, crops, ensemble).to(image.device)
+        if not bool(torch.isfinite(restored).all()):
+            hint = " (float16 overflow? try precision='float32')" if amp is torch.float16 else ""
+            source = getattr(net, "provenance", {}).get("path", "the given model")
+            raise RuntimeError(f"the network produced NaN or Inf values{hint}: are the weights of {source} broken?")
         for (y, x), res in zip(group, restored, strict=True):
             weight = torch.outer(_window(th, y, h, overlap), _window(tw, x, w, overlap)).to(image.device)
             out[:, y : y + th, x : x + tw] += res * weight
             norm[:, y : y + th, x : x + tw] += weight
-            step()
     return out / norm
 
 
@@ -211,6 +300,15 @@ def _check_tensor(batch: Tensor, channels: int) -> None:
         raise ValueError(f"the image has {bad} NaN or Inf values; replace them first (e.g. np.nan_to_num)")
 
 
+def _check_tiling(tile: int | str | None, overlap: int) -> None:
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise ValueError(f"overlap must be a whole number of pixels >= 0, got {overlap!r}")
+    if tile is None or tile == "auto":
+        return
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < MULTIPLE:
+        raise ValueError(f"tile must be 'auto', None or a whole number of pixels >= {MULTIPLE}, got {tile!r}")
+
+
 def deblur_tensor(
     batch: Tensor,
     model: str | os.PathLike | ALGNet = "motion",
@@ -220,13 +318,16 @@ def deblur_tensor(
     cancel: CancelFn | None = None,
     device: str | torch.device = "auto",
     precision: str = "auto",
+    ensemble: bool = False,
 ) -> Tensor:
     """The tiled engine: a (B, C, H, W) float batch in 0..1 -> its restoration, same shape/dtype/device.
 
-    ``tile=None`` runs whole images; ``tile="auto"`` uses :func:`choose_tile`. On CUDA out-of-memory the
-    tile is halved (one tile per batch from then on) and the image restarted; ``progress`` then counts the
-    new tiles.
+    ``tile=None`` runs whole images; ``tile="auto"`` uses :func:`choose_tile`. ``progress(done, total)``
+    counts ALGBlocks run (over all tiles, images and ensemble passes); ``cancel()`` is checked after each.
+    On CUDA out-of-memory the tile is halved (one tile per batch from then on) and the image restarted;
+    ``progress`` then counts afresh.
     """
+    _check_tiling(tile, overlap)
     net = _resolve_model(model, device)
     dev = next(net.parameters()).device
     _check_tensor(batch, net._hub_mixin_config.get("img_channel", 3))
@@ -238,21 +339,26 @@ def deblur_tensor(
     amp = _autocast_dtype(precision, dev)
     images = batch.float()
     max_batch = MAX_TILES_PER_BATCH
+    done, total = 0, 0
+
+    def after_block() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(min(done, total), total)
+        if cancel is not None and cancel():
+            raise DeblurCancelled("deblur was cancelled")
+
     while True:
-        total = len(images) * _count_tiles(h, w, size, overlap)
+        tiles = len(images) * _count_tiles(h, w, size, overlap)
         per_batch = tiles_per_batch(dev, auto_tile, min(size, h) * min(size, w), max_batch)
-        log.info("algnet: %dx%d image(s), tile %d, overlap %d, %d tile(s) on %s", h, w, size, overlap, total, dev)
+        log.info("algnet: %dx%d image(s), tile %d, overlap %d, %d tile(s) on %s", h, w, size, overlap, tiles, dev)
         done = 0
-
-        def step(total: int = total) -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, total)
-
         try:
-            with torch.inference_mode():
-                out = [_tiled_one(net, img, size, overlap, per_batch, amp, step, cancel) for img in images]
+            with torch.inference_mode(), _each_block(net, after_block) as blocks:
+                forwards = len(images) * math.ceil(_count_tiles(h, w, size, overlap) / per_batch)
+                total = forwards * blocks * (ENSEMBLE_SIZE if ensemble else 1)
+                out = [_tiled_one(net, img, size, overlap, per_batch, amp, ensemble, cancel) for img in images]
             return torch.stack(out).to(batch.dtype)
         except torch.OutOfMemoryError:
             if size // 2 < 2 * overlap + MULTIPLE:
@@ -263,18 +369,43 @@ def deblur_tensor(
             log.warning("algnet: out of GPU memory, retrying with tile %d", size)
 
 
-def _value_range(data: Any, dtype: np.dtype) -> tuple[float, float]:
-    """The (low, high) values that map to 0 and 1: see the module docs."""
-    if dtype == np.uint8:
-        return 0.0, 255.0
-    if dtype == np.uint16:
-        return 0.0, 65535.0
-    lo, hi = float(data.min()), float(data.max())
+def _value_range(colour: Any, dtype: np.dtype, normalize: str, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The (low, high) values that map to 0 and 1 (see the module docs); ``colour`` is a numpy or dask array."""
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    low_q, high_q = percentiles
+    if not 0 <= low_q < high_q <= 100:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles!r}")
+    if dtype.kind == "u" and normalize == "dtype":
+        return 0.0, float(np.iinfo(dtype).max)
+    lazy = type(colour).__module__.startswith("dask")
+    if normalize == "percentile":
+        flat = colour.ravel() if lazy else np.asarray(colour).ravel()
+        stats = (da_percentile(flat, percentiles) if lazy else np.percentile(flat, percentiles)).tolist()
+    else:
+        stats = [colour.min(), colour.max()]
+    if lazy:
+        import dask
+
+        stats = dask.compute(*stats)
+    lo, hi = (float(v) for v in stats)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("the image has NaN or Inf values; replace them first (e.g. np.nan_to_num)")
-    if lo >= 0.0 and hi <= 1.0:
+    if normalize == "auto":
+        if dtype == np.uint16 and hi < 2**AUTO_RANGE_BITS:
+            return lo, hi
+        if dtype.kind == "u":
+            return 0.0, float(np.iinfo(dtype).max)
+    if normalize in ("auto", "dtype") and lo >= 0.0 and hi <= 1.0:
         return 0.0, 1.0
     return lo, hi
+
+
+def da_percentile(flat: Any, percentiles: tuple[float, float]) -> Any:
+    """Percentiles of a flat dask array (dask's own approximation, merged from the chunks)."""
+    import dask.array
+
+    return dask.array.percentile(flat, list(percentiles))
 
 
 def _numpy_dtype(image: np.ndarray | Tensor) -> np.dtype:
@@ -298,6 +429,9 @@ def _deblur_array(
     precision: str,
     progress: ProgressFn | None,
     cancel: CancelFn | None,
+    normalize: str = "auto",
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    ensemble: bool = False,
     value_range: tuple[float, float] | None = None,
 ) -> np.ndarray | Tensor:
     dtype = _numpy_dtype(image)
@@ -309,18 +443,22 @@ def _deblur_array(
     # A native-byte-order copy of a numpy image (never a view: the input may be read-only or big-endian).
     original = image.detach() if isinstance(image, Tensor) else torch.from_numpy(np.array(image, dtype=dtype))
     planes = original if original.ndim == 3 else original[..., None]
+    if planes.is_floating_point() and not bool(torch.isfinite(planes).all()):
+        bad = (~torch.isfinite(planes)).sum().item()
+        raise ValueError(f"the image has {bad} NaN or Inf values; replace them first (e.g. np.nan_to_num)")
     channels = planes.shape[-1]
     color = (planes[..., :3] if channels in (3, 4) else planes).to("cpu")
-    if color.is_floating_point() and not bool(torch.isfinite(color).all()):
-        bad = (~torch.isfinite(color)).sum().item()
-        raise ValueError(f"the image has {bad} NaN or Inf values; replace them first (e.g. np.nan_to_num)")
-    lo, hi = value_range or _value_range(color, dtype)
-    norm = ((color.float() - lo) / ((hi - lo) or 1.0)).permute(2, 0, 1)  # (c, h, w)
+    lo, hi = value_range or _value_range(color.numpy(), dtype, normalize, percentiles)
+    scale = (hi - lo) or 1.0
+    norm = ((color.double() - lo) / scale).float().permute(2, 0, 1)  # (c, h, w), mapped in float64
     batch = norm[None] if channels in (3, 4) else norm[:, None].expand(-1, 3, -1, -1)
-    restored = deblur_tensor(batch, net, tile, overlap, progress, cancel, precision=precision).clamp_(0, 1)
+    restored = deblur_tensor(batch, net, tile, overlap, progress, cancel, precision=precision, ensemble=ensemble)
+    restored = restored.clamp_(0, 1) if normalize != "percentile" else restored
     result = restored[0] if channels in (3, 4) else restored.mean(dim=1)  # (c, h, w)
-    out_type = torch.float64 if dtype == np.float64 else torch.float32
-    result = (result.permute(1, 2, 0).to(out_type) * ((hi - lo) or 1.0) + lo).clamp_(lo, hi)
+    result = result.permute(1, 2, 0).double() * scale + lo
+    if normalize == "percentile":  # values beyond the percentiles: clip to the input's own range
+        lo, hi = float(color.min()), float(color.max())
+    result = result.clamp_(lo, hi)
     if dtype.kind != "f":
         result = result.round()
     result = result.to(torch.uint16 if dtype == np.uint16 else original.dtype)
@@ -330,20 +468,25 @@ def _deblur_array(
     return result.to(image.device) if isinstance(image, Tensor) else result.numpy()
 
 
-def _deblur_dask(image: Any, net: ALGNet, tile: int | str | None, overlap: int, precision: str, cancel: Any) -> Any:
-    import dask
-
+def _deblur_dask(
+    image: Any,
+    net: ALGNet,
+    tile: int | str | None,
+    overlap: int,
+    precision: str,
+    cancel: Any,
+    normalize: str,
+    percentiles: tuple[float, float],
+    ensemble: bool,
+) -> Any:
     dtype = np.dtype(image.dtype).newbyteorder("=")
     _check_dtype(dtype)
     if image.ndim not in (2, 3):
         raise ValueError(f"expected an HxW or HxWxC image, got shape {tuple(image.shape)}")
     if image.ndim == 3:
         image = image.rechunk({2: -1})
-    value_range = None
-    if dtype.kind == "f":
-        colour = image[..., :3] if image.ndim == 3 and image.shape[2] in (3, 4) else image
-        lo, hi = dask.compute(colour.min(), colour.max())
-        value_range = _value_range(np.array([lo, hi]), dtype)
+    colour = image[..., :3] if image.ndim == 3 and image.shape[2] in (3, 4) else image
+    value_range = _value_range(colour, dtype, normalize, percentiles)
     depth = {0: overlap, 1: overlap, 2: 0} if image.ndim == 3 else {0: overlap, 1: overlap}
     return image.map_overlap(
         _deblur_array,
@@ -357,6 +500,9 @@ def _deblur_dask(image: Any, net: ALGNet, tile: int | str | None, overlap: int, 
         precision=precision,
         progress=None,
         cancel=cancel,
+        normalize=normalize,
+        percentiles=percentiles,
+        ensemble=ensemble,
         value_range=value_range,
     )
 
@@ -370,6 +516,9 @@ def deblur(
     precision: str = "auto",
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    normalize: str = "auto",
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    ensemble: bool = False,
 ) -> Any:
     """Deblur ``image`` and return the result with the same shape, dtype and value range.
 
@@ -380,10 +529,17 @@ def deblur(
     changed: used as is, or copied to ``device`` when it is elsewhere). Models loaded by name are cached;
     a local folder is loaded again when its files change (see :func:`weights_stamp`). ``tile``: pixels per
     tile side, ``"auto"`` or None (whole image). ``precision``: ``"auto"`` (float16 autocast on CUDA,
-    float32 elsewhere), ``"float32"``, ``"float16"`` or ``"bfloat16"``. ``progress(done, total)`` is called
-    after each tile; ``cancel()`` returning True raises :class:`DeblurCancelled`.
+    float32 elsewhere), ``"float32"``, ``"float16"`` or ``"bfloat16"``. ``normalize``: one of
+    :data:`NORMALIZE_MODES` (``percentiles`` for ``"percentile"``). ``ensemble``: average the 8 flips and
+    transposes (8x the time). ``progress(done, total)`` is called after each ALGBlock of each tile;
+    ``cancel()`` returning True raises :class:`DeblurCancelled`.
     """
+    lazy = type(image).__module__.startswith("dask")
+    if not (lazy or isinstance(image, np.ndarray | Tensor)):
+        raise TypeError(f"expected a numpy array, torch tensor or dask array, got {type(image).__name__}: "
+                        "convert it first, e.g. np.asarray(image)")  # fmt: skip
+    _check_tiling(tile, overlap)
     net = _resolve_model(model, device)
-    if type(image).__module__.startswith("dask"):
-        return _deblur_dask(image, net, tile, overlap, precision, cancel)
-    return _deblur_array(image, net, tile, overlap, precision, progress, cancel)
+    if lazy:
+        return _deblur_dask(image, net, tile, overlap, precision, cancel, normalize, percentiles, ensemble)
+    return _deblur_array(image, net, tile, overlap, precision, progress, cancel, normalize, percentiles, ensemble)
