@@ -6,24 +6,25 @@ data they are skipped with one reason, except under CI (``CI=true``), where they
 
 from __future__ import annotations
 
-import os
+import contextlib
+from pathlib import Path
 
-# numba's OpenMP threading layer resets the OpenMP thread count, i.e. torch's, at its first parallel kernel;
-# its own work queue leaves torch's setting below alone (and the cpu scan kernels still run in parallel).
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+import pytest
+import torch
+from helpers import TINY, active_tiny, require_shared
+from safetensors.torch import load_file
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import TINY, active_tiny, require_shared  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from algnet_core import ALGNet  # noqa: E402
+from algnet_core import ALGNet
 
 # The tests' tensors are tiny: one intra-op thread is as fast, and on a busy 2-core machine OpenMP's
 # waiting threads make a small convolution ~100x slower (a 4-step tiny training run: 38 s instead of 2 s).
 torch.set_num_threads(1)
+with contextlib.suppress(ImportError):
+    import numba
+
+    # numba's OpenMP layer resets the OpenMP thread count, i.e. torch's, at its first parallel kernel; its
+    # work queue leaves torch at one thread (and the cpu scan kernels still run in parallel).
+    numba.config.THREADING_LAYER = "workqueue"
 
 
 @pytest.fixture(scope="session")
