@@ -1,0 +1,142 @@
+"""Image files keep what they hold beyond pixels (TIFF layout and metadata, JPEG EXIF and CMYK), or are refused
+naming the file; a file that cannot be decoded is named in the error, whatever the decoder raised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image, ImageOps, JpegImagePlugin
+
+from algnet_core.imageio import Stack, read_image, write_image
+
+RNG = np.random.default_rng(0)
+RGBA = (RNG.random((32, 40, 4)) * 255).astype(np.uint8)
+
+
+def _round_trip(source: Path, target: Path) -> Stack:
+    """Read ``source``, write its stack (same pages) to ``target``; the stack read."""
+    stack = read_image(source)
+    write_image(target, stack.with_pages(stack.pages.copy()))
+    return stack
+
+
+def test_cmyk_tiff_stays_cmyk_with_its_resolution(tmp_path) -> None:
+    tifffile.imwrite(tmp_path / "in.tif", RGBA, photometric="separated", resolution=(300, 300), resolutionunit=2)
+    stack = _round_trip(tmp_path / "in.tif", tmp_path / "out.tif")
+    assert stack.pages.shape == (1, 32, 40, 4) and not stack.alpha  # K is a colour channel, not alpha
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        page = tif.pages[0]
+        assert page.photometric == tifffile.PHOTOMETRIC.SEPARATED and page.extrasamples == ()
+        assert page.resolution == (300.0, 300.0) and page.resolutionunit == tifffile.RESUNIT.INCH
+        assert np.array_equal(tif.asarray(), RGBA)
+
+
+def test_imagej_hyperstack_keeps_axes_resolution_and_metadata(tmp_path) -> None:
+    data = (RNG.random((2, 3, 4, 20, 24)) * 4000).astype(np.uint16)
+    metadata = {"axes": "TZCYX", "spacing": 2.5, "unit": "um", "finterval": 0.5, "Labels": [f"p{i}" for i in range(24)]}
+    tifffile.imwrite(tmp_path / "in.tif", data, imagej=True, resolution=(10, 10), metadata=metadata)
+    stack = _round_trip(tmp_path / "in.tif", tmp_path / "out.tif")
+    assert stack.pages.shape == (24, 20, 24)
+    with tifffile.TiffFile(tmp_path / "in.tif") as tif:
+        expected = tif.imagej_metadata
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        assert tif.series[0].axes == "TZCYX" and tif.pages[0].resolution == (10.0, 10.0)
+        assert tif.imagej_metadata == expected and expected["spacing"] == 2.5 and expected["unit"] == "um"
+        assert np.array_equal(tif.asarray(), data)
+
+
+def test_ome_and_shaped_tiffs_keep_their_axes(tmp_path) -> None:
+    data = RNG.random((3, 20, 24)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "in.ome.tif", data, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.25})
+    tifffile.imwrite(tmp_path / "shaped.tif", data, photometric="minisblack", metadata={"axes": "TYX", "note": "kept"})
+    _round_trip(tmp_path / "in.ome.tif", tmp_path / "out.ome.tif")
+    _round_trip(tmp_path / "shaped.tif", tmp_path / "out.tif")
+    with tifffile.TiffFile(tmp_path / "out.ome.tif") as tif:
+        assert tif.is_ome and tif.series[0].axes == "ZYX" and 'PhysicalSizeX="0.25"' in tif.ome_metadata
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        assert tif.series[0].axes == "TYX" and tif.shaped_metadata[0]["note"] == "kept"
+
+
+def test_planar_rgba_tiff_reads_channels_last_and_is_written_planar(tmp_path) -> None:
+    tifffile.imwrite(tmp_path / "in.tif", np.moveaxis(RGBA, -1, 0), photometric="rgb", planarconfig="separate")
+    stack = _round_trip(tmp_path / "in.tif", tmp_path / "out.tif")
+    assert stack.pages.shape == (1, 32, 40, 4) and stack.alpha and np.array_equal(stack.pages[0], RGBA)
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        assert tif.pages[0].planarconfig == tifffile.PLANARCONFIG.SEPARATE and tif.series[0].axes == "SYX"
+        assert tif.pages[0].extrasamples == (tifffile.EXTRASAMPLE.UNASSALPHA,)
+
+
+def test_compressed_tiff_is_written_compressed(tmp_path) -> None:
+    smooth = np.tile(np.arange(40, dtype=np.uint16), (32, 1))
+    tifffile.imwrite(tmp_path / "in.tif", smooth, compression="zlib")
+    _round_trip(tmp_path / "in.tif", tmp_path / "out.tif")
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        assert tif.pages[0].compression != tifffile.COMPRESSION.NONE and np.array_equal(tif.asarray(), smooth)
+
+
+def test_tiffs_that_cannot_be_kept_are_refused_naming_the_file(tmp_path) -> None:
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tif:
+        tif.write(RGBA[..., 0])
+        tif.write(RGBA[:16, :20, 0])  # e.g. a thumbnail: a second series
+    Image.fromarray(RGBA[..., :3]).convert("P").save(tmp_path / "palette.tif")
+    with pytest.raises(ValueError, match=r"two\.tif holds 2 image series"):
+        read_image(tmp_path / "two.tif")
+    with pytest.raises(ValueError, match=r"palette\.tif: PALETTE TIFFs are not supported"):
+        read_image(tmp_path / "palette.tif")
+
+
+def test_jpeg_keeps_exif_orientation_icc_and_subsampling(tmp_path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    exif[0x010F] = "Camera maker"
+    icc = b"\0\0\0\x10an ICC profile"
+    Image.fromarray(RGBA[..., :3]).save(tmp_path / "in.jpg", exif=exif, icc_profile=icc, subsampling=0, quality=95)
+    stack = _round_trip(tmp_path / "in.jpg", tmp_path / "out.jpg")
+    assert stack.pages.shape == (1, 32, 40, 3)  # the stored orientation: deblurred as stored
+    with Image.open(tmp_path / "in.jpg") as before, Image.open(tmp_path / "out.jpg") as after:
+        assert after.info["exif"] == before.info["exif"] and after.getexif()[0x0112] == 6
+        assert after.info["icc_profile"] == icc
+        assert JpegImagePlugin.get_sampling(after) == 0  # 4:4:4 as the input, not Pillow's default 4:2:0
+        assert ImageOps.exif_transpose(after).size == ImageOps.exif_transpose(before).size == (32, 40)
+
+
+def test_cmyk_jpeg_stays_cmyk(tmp_path) -> None:
+    Image.fromarray(RGBA[..., :3]).convert("CMYK").save(tmp_path / "in.jpg", quality=95)
+    stack = _round_trip(tmp_path / "in.jpg", tmp_path / "out.jpg")
+    assert stack.pages.shape == (1, 32, 40, 4) and not stack.alpha
+    with Image.open(tmp_path / "out.jpg") as out:
+        assert out.mode == "CMYK"
+        assert np.abs(np.asarray(out, dtype=int) - stack.pages[0]).mean() < 2  # re-encoded, same inks
+    with pytest.raises(ValueError, match=r"out\.png: a CMYK JPEG image can only be written as jpeg"):
+        write_image(tmp_path / "out.png", stack)
+
+
+def _broken_files(folder: Path) -> dict[str, bytes]:
+    """Files that their decoders reject: truncated JPEG, PNG and TIFF, a 16-bit PNG with a bad CRC."""
+    for name in ("a.jpg", "a.png", "a.tif"):
+        write_image(folder / name, Stack(RGBA[None, ..., :3], (32, 40, 3)))
+    write_image(folder / "a16.png", Stack(RGBA[None, ..., :3].astype(np.uint16) * 257, (32, 40, 3)))
+    data = {name: (folder / name).read_bytes() for name in ("a.jpg", "a.png", "a.tif", "a16.png")}
+    broken = {f"truncated{Path(n).suffix}": b[: len(b) // 2] for n, b in data.items() if n != "a16.png"}
+    crc = bytearray(data["a16.png"])
+    crc[-20] ^= 0xFF  # inside the last IDAT chunk: pypng's ChunkError
+    return broken | {"bad_crc16.png": bytes(crc)}
+
+
+def test_undecodable_files_are_named_in_the_error(tmp_path, monkeypatch) -> None:
+    for name, data in _broken_files(tmp_path).items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{tmp_path / name}: cannot read this"):
+            read_image(tmp_path / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 32x40 pixels > twice that: a "decompression bomb"
+    with pytest.raises(ValueError, match=r"a\.png: cannot read this PNG file: .*decompression bomb"):
+        read_image(tmp_path / "a.png")
+
+
+def test_unwritable_stacks_are_named_in_the_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"rgba\.jpg: .*not 4 channels"):
+        write_image(tmp_path / "rgba.jpg", Stack(RGBA[None], RGBA.shape))
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary
