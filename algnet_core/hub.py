@@ -313,10 +313,13 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     """Convert an official ``.pth`` checkpoint into a ``save_pretrained`` folder; returns the preset name.
 
     Loads with ``torch.load(weights_only=True)``, detects the preset from the tensors and loads strictly.
+    Raises ``FileExistsError`` when ``out_dir`` already holds a ``config.json`` or ``model.safetensors`` and
+    ``overwrite`` is False (an existing ``README.md`` is always kept).
     """
     path, out = Path(checkpoint), Path(out_dir)
-    if (out / WEIGHTS_NAME).exists() and not overwrite:
-        raise FileExistsError(f"{out / WEIGHTS_NAME} exists; choose a new folder (or allow overwriting)")
+    existing = [out / name for name in (CONFIG_NAME, WEIGHTS_NAME) if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; choose a new folder (or allow overwriting)")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:

@@ -203,3 +203,16 @@ def test_png_pixels_are_those_pypng_decodes(mode, tmp_path) -> None:
     expected = expected[..., 0] if info["planes"] == 1 else expected
     got = read_image(tmp_path / "x.png").pages[0]
     assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def test_convert_refuses_an_existing_config(tmp_path, capsys) -> None:
+    torch.manual_seed(1)
+    torch.save({"params": ALGNet(**PRESETS["ALGNet-S"]).state_dict()}, tmp_path / "official.pth")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text('{"mine": true}\n')
+    assert main(["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "out")]) == 1
+    assert "config.json exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "config.json").read_text() == '{"mine": true}\n'
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert main(["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "out"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["width"] == PRESETS["ALGNet-S"]["width"]
