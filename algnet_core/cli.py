@@ -7,7 +7,10 @@ import csv
 import glob
 import json
 import logging
+import math
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -17,16 +20,50 @@ from tqdm import tqdm
 
 from . import publish
 from .hub import REGISTRY, bundled_files, convert_checkpoint, load_model
-from .imageio import IMAGE_SUFFIXES, PNG_SUFFIXES, SAMPLE_IMAGE, Stack, read_image, write_image
-from .inference import DEFAULT_OVERLAP, choose_tile, deblur, free_memory, resolve_device
+from .imageio import IMAGE_SUFFIXES, SAMPLE_IMAGE, Stack, read_image, write_image
+from .inference import (
+    DEFAULT_OVERLAP,
+    DEFAULT_PERCENTILES,
+    NORMALIZE_MODES,
+    choose_tile,
+    deblur,
+    free_memory,
+    resolve_device,
+)
 from .metrics import data_range_of, image_metrics
-from .model import PRESETS, ALGNet
+from .model import MULTIPLE, PRESETS, ALGNet
+
+FILE_ERRORS = (OSError, TypeError, ValueError, RuntimeError, MemoryError)
+"""What one bad file raises (unreadable, unsupported, too small, out of memory): reported, then the next file."""
 
 
 def _tile(text: str) -> int | str | None:
     if text in ("auto", "none"):
         return None if text == "none" else "auto"
+    if not text.isdigit() or int(text) < MULTIPLE:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'none' or whole pixels >= {MULTIPLE}, got {text!r}")
     return int(text)
+
+
+def _overlap(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels >= 0, got {text!r}")
+    return int(text)
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject option combinations that no single option's type can (exits with argparse's usage error)."""
+    if isinstance(getattr(args, "tile", None), int) and args.tile < 2 * args.overlap + MULTIPLE:
+        parser.error(
+            f"--tile {args.tile} is too small for --overlap {args.overlap}: tiles need at least "
+            f"2 x overlap + {MULTIPLE} = {2 * args.overlap + MULTIPLE} pixels"
+        )
+    if getattr(args, "percentiles", None) is not None:
+        low, high = args.percentiles
+        if not 0 <= low < high <= 100:
+            parser.error(f"--percentiles {low:g} {high:g}: need 0 <= LOW < HIGH <= 100")
+        if args.normalize != "percentile":
+            parser.error("--percentiles applies to --normalize percentile only")
 
 
 def collect_inputs(items: Sequence[str]) -> list[Path]:
@@ -74,76 +111,153 @@ def _load(args: argparse.Namespace):
     return model
 
 
-def _deblur_stack(stack: Stack, path: Path, model: ALGNet, args: argparse.Namespace, bar: tqdm) -> np.ndarray:
-    """The deblurred pages of ``path``'s stack. A 2-channel PNG is grey + alpha: as for RGBA, the colour is
-    deblurred and the alpha plane passed through untouched."""
+def _deblur_stack(stack: Stack, model: ALGNet, args: argparse.Namespace, bar: tqdm) -> np.ndarray:
+    """The deblurred pages of a stack. An alpha channel (RGBA, grey + alpha) is passed through untouched; RGB is
+    deblurred as colour; any other channels (CMYK inks, a TIFF's grey samples) one by one, each as a grey image
+    with its own normalisation."""
 
     def progress(done: int, total: int) -> None:
         bar.total = total
         bar.n = done
         bar.refresh()
 
-    def run(page: np.ndarray) -> np.ndarray:
-        return deblur(page, model, args.tile, args.overlap, precision=args.precision, progress=progress)
+    def run(image: np.ndarray) -> np.ndarray:
+        return deblur(
+            image,
+            model,
+            args.tile,
+            args.overlap,
+            precision=args.precision,
+            progress=progress,
+            normalize=args.normalize,
+            percentiles=args.percentiles or DEFAULT_PERCENTILES,
+            ensemble=args.ensemble,
+        )
 
-    grey_alpha = path.suffix.lower() in PNG_SUFFIXES and stack.pages.ndim == 4 and stack.pages.shape[-1] == 2
-    return np.stack([np.dstack([run(p[..., 0]), p[..., 1]]) if grey_alpha else run(p) for p in stack.pages])
+    def page(image: np.ndarray) -> np.ndarray:
+        colour = image[..., :-1] if stack.alpha else image
+        if stack.rgb or colour.ndim == 2:
+            restored = run(colour)
+        else:
+            restored = np.stack([run(colour[..., c]) for c in range(colour.shape[-1])], axis=-1)
+        return np.concatenate([restored, image[..., -1:]], axis=-1) if stack.alpha else restored
+
+    return np.stack([page(p) for p in stack.pages])
+
+
+def fresh_path(path: Path) -> Path:
+    """``path`` if it does not exist, else the first free ``STEM_2.SUFFIX``, ``STEM_3.SUFFIX``, ... beside it."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
+
+
+def _report(failures: list[str], total: int, what: str) -> int:
+    """Print the failed files' summary; the exit status (1 if any failed)."""
+    if failures:
+        print(f"{len(failures)} of {total} {what} failed: {', '.join(failures)}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _file_error(path: Path, err: Exception) -> str:
+    """The error line for one file: its message, led by the file name unless the message names it."""
+    message = str(err) or type(err).__name__
+    return message if str(path) in message else f"{path}: {message}"
 
 
 def cmd_deblur(args: argparse.Namespace) -> int:
-    """Deblur image files into new files in the output folder, keeping format and bit depth."""
+    """Deblur image files into new files in the output folder, keeping format, bit depth and metadata.
+
+    A file that fails (unreadable, unsupported, ...) is reported by name and the others go on; the exit
+    status is then 1. With --sample and no other input, an existing output is kept and the result written
+    under a fresh name (motion_blurred_astronaut_2.png, ...), so the first example can be run again.
+    """
     inputs = collect_inputs([*args.inputs, *([str(SAMPLE_IMAGE)] if args.sample else [])])
     out_dir = Path(args.output)
-    targets = plan_outputs(inputs, out_dir, args.overwrite)
+    sample_only = args.sample and not args.inputs and not args.overwrite
+    if sample_only:
+        targets = [fresh_path(out_dir.resolve() / SAMPLE_IMAGE.name)]
+    else:
+        targets = plan_outputs(inputs, out_dir, args.overwrite)
     model = _load(args)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(inputs), unit="image", desc="images") as images, tqdm(desc="tiles", leave=False) as bar:
+    failures = []
+    with tqdm(total=len(inputs), unit="image", desc="images") as images, tqdm(desc="network", leave=False) as bar:
         for source, target in zip(inputs, targets, strict=True):
-            stack = read_image(source)
-            write_image(target, stack.with_pages(_deblur_stack(stack, source, model, args, bar)), args.overwrite)
+            try:
+                stack = read_image(source)
+                write_image(target, stack.with_pages(_deblur_stack(stack, model, args, bar)), args.overwrite)
+            except FILE_ERRORS as err:
+                tqdm.write(f"algnet deblur: error: {_file_error(source, err)}", file=sys.stderr)
+                failures.append(source.name)
             images.update()
-    print(f"wrote {len(targets)} file(s) to {out_dir}", file=sys.stderr)
-    return 0
+    if sample_only and targets[0].name != SAMPLE_IMAGE.name and not failures:
+        print(f"{out_dir / SAMPLE_IMAGE.name} exists (kept); wrote {targets[0]}", file=sys.stderr)
+    print(f"wrote {len(targets) - len(failures)} file(s) to {out_dir}", file=sys.stderr)
+    return _report(failures, len(inputs), "file(s)")
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def _finite_or_null(value: object) -> object:
+    """``value`` with every NaN or infinite float replaced by None (JSON's null), through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def plan_reports(reports: Sequence[str | None], inputs: Sequence[Path], overwrite: bool) -> list[Path]:
+    """The report files to write; refuses an input image, one path given twice, or (unless ``overwrite``) a
+    file that exists."""
+    paths = [Path(r) for r in reports if r]
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        raise FileExistsError(f"--csv and --json name the same file: {paths[0]}")
+    sources = {p.resolve() for p in inputs}
+    for path, target in zip(paths, resolved, strict=True):
+        if target in sources:
+            raise FileExistsError(f"{path} is an input image; choose another report file name")
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; choose a new report file name or pass --overwrite")
+    return paths
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Benchmark protocol: PSNR, SSIM and MAE of the blurry input and of the restoration vs the sharp image.
 
     The data range is the sharp file's: 255 (8-bit), 65535 (16-bit), 1.0 (floats within [0, 1]), else its
-    max - min (see :mod:`algnet_core.metrics`).
+    max - min (see :mod:`algnet_core.metrics`). The PSNR of identical images is infinite: "inf" in the table
+    and the CSV, null in the JSON (standard JSON has no infinity), and so is a mean over it. A pair that fails
+    is reported by name and left out of the means; the exit status is then 1.
     """
     blur_dir, sharp_dir = Path(args.blur_dir), Path(args.sharp_dir)
     blurry = collect_inputs([str(blur_dir)])
     missing = [p.name for p in blurry if not (sharp_dir / p.name).is_file()]
     if missing:
         raise FileNotFoundError(f"no sharp image in {sharp_dir} for: {', '.join(missing)}")
+    plan_reports([args.csv, args.json], [*blurry, *(sharp_dir / p.name for p in blurry)], args.overwrite)
     model = _load(args)
-    results = []
-    with tqdm(total=len(blurry), unit="image", desc="images") as images, tqdm(desc="tiles", leave=False) as bar:
+    results, failures = [], []
+    with tqdm(total=len(blurry), unit="image", desc="images") as images, tqdm(desc="network", leave=False) as bar:
         for path in blurry:
-            stack, sharp = read_image(path), read_image(sharp_dir / path.name)
-            if sharp.pages.shape != stack.pages.shape:
-                raise ValueError(f"{path.name}: blurry {stack.pages.shape} and sharp {sharp.pages.shape} differ")
-            if sharp.pages.dtype != stack.pages.dtype:
-                raise ValueError(f"{path.name}: blurry {stack.pages.dtype} and sharp {sharp.pages.dtype} differ")
-            peak = data_range_of(sharp.pages)
-            restored = _deblur_stack(stack, path, model, args, bar)
-            pages = zip(stack.pages, restored, sharp.pages, strict=True)
-            scores = [(image_metrics(b, s, peak), image_metrics(r, s, peak)) for b, r, s in pages]
-            results.append(
-                {
-                    "image": path.name,
-                    "blurry": _mean([s[0] for s in scores]),
-                    "restored": _mean([s[1] for s in scores]),
-                }
-            )
+            try:
+                results.append(_eval_pair(path, sharp_dir / path.name, model, args, bar))
+            except FILE_ERRORS as err:
+                tqdm.write(f"algnet eval: error: {_file_error(path, err)}", file=sys.stderr)
+                failures.append(path.name)
             images.update()
+    if not results:
+        return _report(failures, len(blurry), "image pair(s)")
     mean = {kind: _mean([r[kind] for r in results]) for kind in ("blurry", "restored")}
-    report = {"model": model.provenance, "images": results, "mean": mean}
+    report = {"model": model.provenance, "images": results, "mean": mean, "failed": failures}
     header = ["image", "PSNR blurry", "PSNR restored", "SSIM blurry", "SSIM restored", "MAE blurry", "MAE restored"]
     table = [
         [r["image"], *(f"{r[kind][m]:.4f}" for m in ("psnr", "ssim", "mae") for kind in ("blurry", "restored"))]
@@ -156,12 +270,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             )
         )
+    mode = "w" if args.overwrite else "x"  # "x": never replaces a file that appeared since the check
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
+        with open(args.csv, mode, newline="") as f:
             csv.writer(f).writerows([header, *table])
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return 0
+        with open(args.json, mode) as f:
+            f.write(json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")
+    return _report(failures, len(blurry), "image pair(s)")
+
+
+def _eval_pair(path: Path, sharp_path: Path, model: ALGNet, args: argparse.Namespace, bar: tqdm) -> dict:
+    """One row of the eval report: the blurry and the restored image's mean metrics over the pages."""
+    stack, sharp = read_image(path), read_image(sharp_path)
+    if sharp.pages.shape != stack.pages.shape:
+        raise ValueError(f"blurry {stack.pages.shape} and sharp {sharp.pages.shape} differ")
+    if sharp.pages.dtype != stack.pages.dtype:
+        raise ValueError(f"blurry {stack.pages.dtype} and sharp {sharp.pages.dtype} differ")
+    peak = data_range_of(sharp.pages)
+    restored = _deblur_stack(stack, model, args, bar)
+    pages = zip(stack.pages, restored, sharp.pages, strict=True)
+    scores = [(image_metrics(b, s, peak), image_metrics(r, s, peak)) for b, r, s in pages]
+    return {"image": path.name, "blurry": _mean([s[0] for s in scores]), "restored": _mean([s[1] for s in scores])}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -197,10 +327,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="motion", help="registered name, save_pretrained folder or Hub repo id")
-    parser.add_argument("--tile", type=_tile, default="auto", help="tile side in pixels, 'auto' or 'none'")
-    parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tile overlap in pixels")
+    parser.add_argument(
+        "--tile", type=_tile, default="auto", help=f"tile side in pixels (>= {MULTIPLE}), 'auto' or 'none'"
+    )
+    parser.add_argument(
+        "--overlap",
+        type=_overlap,
+        default=DEFAULT_OVERLAP,
+        help=f"tile overlap in pixels, >= 0 (a tile must be at least 2 x overlap + {MULTIPLE})",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--normalize",
+        default="auto",
+        choices=NORMALIZE_MODES,
+        help="how values map to the network's 0..1: 'dtype' divides integers by their type's maximum, 'range' "
+        "uses the image's own min..max, 'percentile' maps --percentiles to 0..1; 'auto' (default) is 'range' for "
+        "16-bit images that use few bits (12/14-bit cameras), else 'dtype'",
+    )
+    parser.add_argument(
+        "--percentiles",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        help="with --normalize percentile: the percentiles mapped to 0 and 1 (default {:g} {:g})".format(
+            *DEFAULT_PERCENTILES
+        ),
+    )
+    parser.add_argument(
+        "--ensemble", action="store_true", help="average the 8 flips and transposes of each tile (8x slower)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deblur", help="deblur images into new files", description=cmd_deblur.__doc__)
     p.add_argument("inputs", nargs="*", help="image files, folders or glob patterns (PNG, JPEG, TIFF)")
-    p.add_argument("--sample", action="store_true", help="also deblur the bundled sample image")
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="also deblur the bundled sample image (alone: written under a fresh name if the output exists)",
+    )
     p.add_argument("-o", "--output", required=True, help="output folder (created; files keep their names)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     _model_options(p)
@@ -220,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="PSNR/SSIM/MAE on a blur/sharp folder pair", description=cmd_eval.__doc__)
     p.add_argument("blur_dir")
     p.add_argument("sharp_dir", help="sharp images with the same file names")
-    p.add_argument("--csv", help="write the table as CSV here")
-    p.add_argument("--json", help="write per-image and mean metrics as JSON here")
+    p.add_argument("--csv", help="write the table as CSV here (a new file; PSNR of identical images: inf)")
+    p.add_argument("--json", help="write per-image and mean metrics as JSON here (a new file; infinite PSNR: null)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --csv/--json files (never an input)")
     _model_options(p)
     p.set_defaults(run=cmd_eval)
 
@@ -233,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="official .pth -> save_pretrained folder", description=cmd_convert.__doc__)
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model.safetensors there")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model there")
     p.set_defaults(run=cmd_convert)
     p = sub.add_parser(
         "publish",
@@ -245,16 +407,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds like an error: a file being written removes its temporary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``algnet`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``algnet`` console script; returns the exit status.
+
+    SIGTERM (in the main thread) exits with status 143 through the normal clean-up, leaving no partial file.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_options(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("algnet_core.hub").setLevel(logging.INFO)  # always say which weights are used
+    handle = threading.current_thread() is threading.main_thread()  # Python sets handlers there only
+    previous = signal.signal(signal.SIGTERM, _terminate) if handle else None
     try:
         return args.run(args)
     except (OSError, TypeError, ValueError, RuntimeError) as err:  # WeightsError is a RuntimeError
         print(f"algnet {args.command}: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,19 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import png
 import pytest
+import tifffile
 import torch
+from helpers import TINY, active_tiny
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
@@ -19,7 +26,6 @@ from algnet_core.imageio import SAMPLE_IMAGE, Stack, read_image, write_image
 from algnet_core.inference import deblur
 from algnet_core.model import PRESETS, ALGNet
 
-TINY = dict(width=8, middle_blk_num=1, enc_blk_nums=(1, 1, 1, 1), dec_blk_nums=(1, 1, 1, 1))
 RNG = np.random.default_rng(0)
 
 
@@ -42,6 +48,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny")
     ALGNet(**TINY).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def active_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A save_pretrained folder of :func:`helpers.active_tiny` (every block active)."""
+    folder = tmp_path_factory.mktemp("active")
+    active_tiny().save_pretrained(folder)
     return folder
 
 
@@ -205,6 +219,155 @@ def test_png_pixels_are_those_pypng_decodes(mode, tmp_path) -> None:
     assert got.shape == expected.shape and np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--overlap", "-8"], "argument --overlap: expected a whole number of pixels >= 0, got '-8'"),
+        (["--tile", "8"], "argument --tile: expected 'auto', 'none' or whole pixels >= 16, got '8'"),
+        (["--tile", "64", "--overlap", "32"], "--tile 64 is too small for --overlap 32"),
+        (["--normalize", "percentile", "--percentiles", "99", "1"], "need 0 <= LOW < HIGH <= 100"),
+        (["--percentiles", "1", "99"], "--percentiles applies to --normalize percentile only"),
+    ],
+)
+def test_bad_tiling_and_normalisation_options_are_usage_errors(options, message, identity_dir, tmp_path, capsys):
+    _write_inputs(tmp_path / "in")
+    args = ["deblur", str(tmp_path / "in" / "grey8.png"), "-o", str(tmp_path / "out"), "--model", str(identity_dir)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_normalize_percentiles_and_ensemble_reach_deblur(active_dir, tmp_path) -> None:
+    counts = (RNG.random((32, 40)) * 2000 + 600).astype(np.uint16)  # a 12-bit camera: "auto" is "range"
+    model = ALGNet.from_pretrained(active_dir)
+    runs = {
+        "default": ([], {}),
+        "dtype": (["--normalize", "dtype"], {"normalize": "dtype"}),
+        "percentile": (
+            ["--normalize", "percentile", "--percentiles", "5", "95"],
+            {"normalize": "percentile", "percentiles": (5.0, 95.0)},
+        ),
+        "ensemble": (["--ensemble"], {"ensemble": True}),
+    }
+    outputs = {}
+    for name, (options, kwargs) in runs.items():
+        image = counts.astype(np.float32) if name == "percentile" else counts  # float: the same 600..2600 range
+        (tmp_path / name).mkdir()
+        write_image(tmp_path / name / "cam.tif", Stack(image[None], image.shape))
+        args = ["deblur", str(tmp_path / name), "-o", str(tmp_path / name / "out"), "--model", str(active_dir)]
+        assert main([*args, "--tile", "none", *options]) == 0
+        outputs[name] = read_image(tmp_path / name / "out" / "cam.tif").pages[0]
+        assert np.array_equal(outputs[name], deblur(image, model, tile=None, **kwargs)), name
+    for name in ("dtype", "percentile", "ensemble"):  # each option changes the result
+        assert np.abs(outputs[name].astype(float) - outputs["default"]).max() > 5, name
+
+
+def test_eval_refuses_to_overwrite_reports_and_writes_standard_json(identity_dir, tmp_path, capsys) -> None:
+    for folder in ("blur", "sharp"):
+        (tmp_path / folder).mkdir()
+    image = (RNG.random((32, 40, 3)) * 255).astype(np.uint8)
+    for folder in ("blur", "sharp"):  # identical pair: PSNR is infinite
+        write_image(tmp_path / folder / "0.png", Stack(image[None], image.shape))
+    (tmp_path / "old.csv").write_text("my notes\n")
+    before = _digests(tmp_path / "blur")
+    args = ["eval", str(tmp_path / "blur"), str(tmp_path / "sharp"), "--model", str(identity_dir), "--tile", "none"]
+    assert main([*args, "--csv", str(tmp_path / "old.csv")]) == 1
+    assert "old.csv exists" in capsys.readouterr().err and (tmp_path / "old.csv").read_text() == "my notes\n"
+    assert main([*args, "--json", str(tmp_path / "blur" / "0.png"), "--overwrite"]) == 1  # never an input
+    assert "is an input image" in capsys.readouterr().err and _digests(tmp_path / "blur") == before
+    assert main([*args, "--json", str(tmp_path / "m.json"), "--csv", str(tmp_path / "m.csv")]) == 0
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    report = json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse)
+    assert report["images"][0]["blurry"]["psnr"] is None and report["mean"]["restored"]["psnr"] is None
+    assert report["images"][0]["blurry"]["ssim"] == pytest.approx(1.0) and report["failed"] == []
+    assert list(csv.reader((tmp_path / "m.csv").open()))[1][1] == "inf"
+    assert main([*args, "--csv", str(tmp_path / "m.csv"), "--overwrite"]) == 0  # asked for: replaced
+
+
+def test_one_bad_file_is_reported_by_name_and_the_others_deblurred(tiny_dir, tmp_path, capsys) -> None:
+    _write_inputs(tmp_path / "in")
+    good = sorted(PAGES)
+    grey = (RNG.random((32, 40)) * 255).astype(np.uint8)
+    Image.fromarray(np.dstack([grey] * 3)).save(tmp_path / "in" / "ok.png")
+    data = (tmp_path / "in" / "ok.png").read_bytes()
+    (tmp_path / "in" / "a_truncated.png").write_bytes(data[: len(data) // 2])
+    rgb16 = (tmp_path / "in" / "rgb16.png").read_bytes()
+    (tmp_path / "in" / "b_crc.png").write_bytes(rgb16[:-20] + bytes([rgb16[-20] ^ 0xFF]) + rgb16[-19:])  # pypng
+    (tmp_path / "in" / "c_tiny.png").write_bytes(b"")
+    write_image(tmp_path / "in" / "d_small.png", Stack(grey[None, :8, :8], (8, 8)))  # below one network tile
+    Image.fromarray(np.dstack([grey] * 3)).convert("CMYK").save(tmp_path / "in" / "e_cmyk.jpg")
+    bad = ["a_truncated.png", "b_crc.png", "c_tiny.png", "d_small.png"]
+    args = ["deblur", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_dir), "--tile", "none"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"4 of {len(good) + 6} file(s) failed: {', '.join(bad)}" in err and "Traceback" not in err
+    for name in bad:
+        assert f"error: {(tmp_path / 'in' / name).resolve()}: " in err, name
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*good, "e_cmyk.jpg", "ok.png"])
+    with Image.open(tmp_path / "out" / "e_cmyk.jpg") as out:  # CMYK stays CMYK, K deblurred too
+        assert out.mode == "CMYK"
+
+
+@pytest.mark.parametrize(("photometric", "channels"), [("separated", 4), ("minisblack", 3)])
+def test_cmyk_and_grey_sample_tiffs_deblur_channel_by_channel(photometric, channels, active_dir, tmp_path) -> None:
+    """CMYK inks and e.g. three microscopy channels are not RGB (nor is K alpha): each is a grey image."""
+    planes = (RNG.random((32, 40, channels)) * 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(
+        tmp_path / "in" / "x.tif", planes, photometric=photometric, planarconfig="contig", resolution=(300, 300)
+    )
+    assert main(["deblur", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(active_dir)]) == 0
+    model = ALGNet.from_pretrained(active_dir)
+    with tifffile.TiffFile(tmp_path / "out" / "x.tif") as tif:
+        assert tif.pages[0].photometric == tifffile.PHOTOMETRIC[photometric.upper()]
+        assert tif.pages[0].resolution == (300, 300)
+        out = tif.asarray()
+    for c in range(channels):
+        assert np.array_equal(out[..., c], deblur(planes[..., c], model)), c
+    assert not np.array_equal(out[..., -1], planes[..., -1])
+
+
+def test_jpeg_orientation_and_exif_are_kept(tiny_dir, tmp_path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees
+    (tmp_path / "in").mkdir()
+    photo = (RNG.random((32, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "in" / "phone.jpg", exif=exif)
+    assert main(["deblur", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_dir)]) == 0
+    with Image.open(tmp_path / "in" / "phone.jpg") as before, Image.open(tmp_path / "out" / "phone.jpg") as after:
+        assert after.info["exif"] == before.info["exif"] and after.getexif()[0x0112] == 6
+        assert after.size == (48, 32)  # pixels as stored: with the tag, the output displays like the input
+
+
+def test_sigterm_during_a_write_leaves_no_partial_file(identity_dir, tmp_path) -> None:
+    _write_inputs(tmp_path / "in")
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from algnet_core import cli, imageio
+
+        def write_then_terminate(file, image):
+            file.write(b"half a PNG")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # a handler that raises interrupts the sleep
+            raise AssertionError("SIGTERM did not stop the write")
+
+        imageio._write_png = write_then_terminate
+        sys.exit(cli.main(sys.argv[1:]))
+        """
+    )
+    args = [str(tmp_path / "in" / "grey8.png"), "-o", str(tmp_path / "out"), "--model", str(identity_dir)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-c", script, "deblur", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert os.listdir(tmp_path / "out") == []  # neither the output nor its .part temporary
+
+
 def test_convert_refuses_an_existing_config(tmp_path, capsys) -> None:
     torch.manual_seed(1)
     torch.save({"params": ALGNet(**PRESETS["ALGNet-S"]).state_dict()}, tmp_path / "official.pth")
@@ -216,3 +379,16 @@ def test_convert_refuses_an_existing_config(tmp_path, capsys) -> None:
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert main(["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "out"), "--overwrite"]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["width"] == PRESETS["ALGNet-S"]["width"]
+
+
+def test_the_readme_sample_command_can_be_repeated(identity_dir, tmp_path, capsys) -> None:
+    args = ["deblur", "--sample", "-o", str(tmp_path / "deblurred"), "--model", str(identity_dir)]
+    assert main(args) == 0
+    first = _digests(tmp_path / "deblurred")
+    assert list(first) == [SAMPLE_IMAGE.name]
+    capsys.readouterr()
+    assert main(args) == 0
+    second = tmp_path / "deblurred" / "motion_blurred_astronaut_2.png"
+    assert f"wrote {second}" in capsys.readouterr().err
+    assert {k: v for k, v in _digests(tmp_path / "deblurred").items() if k in first} == first  # first untouched
+    assert np.array_equal(read_image(second).pages, read_image(tmp_path / "deblurred" / SAMPLE_IMAGE.name).pages)
