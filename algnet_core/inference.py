@@ -457,7 +457,7 @@ def _deblur_array(
     result = restored[0] if channels in (3, 4) else restored.mean(dim=1)  # (c, h, w)
     result = result.permute(1, 2, 0).double() * scale + lo
     if normalize == "percentile":  # values beyond the percentiles: clip to the input's own range
-        lo, hi = float(color.min()), float(color.max())
+        lo, hi = float(color.numpy().min()), float(color.numpy().max())
     result = result.clamp_(lo, hi)
     if dtype.kind != "f":
         result = result.round()
