@@ -392,3 +392,21 @@ def test_the_readme_sample_command_can_be_repeated(identity_dir, tmp_path, capsy
     assert f"wrote {second}" in capsys.readouterr().err
     assert {k: v for k, v in _digests(tmp_path / "deblurred").items() if k in first} == first  # first untouched
     assert np.array_equal(read_image(second).pages, read_image(tmp_path / "deblurred" / SAMPLE_IMAGE.name).pages)
+
+
+def test_precision_reaches_deblur_bfloat16_close_to_but_not_float32(active_dir, tmp_path) -> None:
+    image = (RNG.random((32, 40, 3)) * 65535).astype(np.uint16)
+    model = ALGNet.from_pretrained(active_dir)
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in" / "rgb.tif", Stack(image[None], image.shape))
+    outputs = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        args = ["deblur", str(tmp_path / "in"), "-o", str(out), "--model", str(active_dir), "--tile", "none"]
+        assert main([*args, "--precision", precision]) == 0
+        outputs[precision] = read_image(out / "rgb.tif").pages[0].astype(np.float64)
+        assert np.array_equal(outputs[precision], deblur(image, model, tile=None, precision=precision)), precision
+    error = np.abs(outputs["bfloat16"] - outputs["float32"]) / 65535
+    assert 1e-4 < error.max() < 0.02 and error.mean() < 2e-3  # bfloat16 rounding: close, not equal
+    with pytest.raises(SystemExit, match="2"):  # argparse: a usage error
+        main(["deblur", str(tmp_path / "in"), "-o", str(tmp_path / "x"), "--precision", "half"])

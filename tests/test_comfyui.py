@@ -437,3 +437,26 @@ def test_deblur_node_ensemble_averages_flips_and_stays_close(active_model: ALGNe
     assert (averaged - plain).abs().mean() > 1e-3
     for out in (plain, averaged):
         assert (out - image).abs().mean() < 0.1
+
+
+@pytest.mark.parametrize("use", ["bf16", "fp16"])
+def test_in_comfyui_the_precision_is_comfyuis_choice(
+    fake_comfyui: SimpleNamespace, active_model: ALGNet, monkeypatch: pytest.MonkeyPatch, use: str
+) -> None:
+    image = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(0))
+    rgb = image.movedim(-1, 1)
+    full = deblur_tensor(rgb, active_model, None, precision="float32").clamp(0, 1).movedim(1, -1)
+    mm = sys.modules["comfy.model_management"]
+    monkeypatch.setattr(mm, f"should_use_{use}", lambda device: True)
+    asked = []
+
+    def core(batch: torch.Tensor, model: ALGNet, tile: int, overlap: int, **kwargs: object) -> torch.Tensor:
+        asked.append(kwargs["precision"])
+        return deblur_tensor(batch, model, tile, overlap, **kwargs)
+
+    monkeypatch.setattr(comfy_nodes, "deblur_tensor", core)
+    (out,) = ALGNetDeblur().deblur(image, active_model, tile=0, overlap=8)
+    assert asked == [{"bf16": "bfloat16", "fp16": "float16"}[use]]
+    if use == "bf16":  # float16 autocast is CUDA-only in the core: checked there, not here
+        error = (out - full).abs()
+        assert 1e-4 < error.max() < 0.02 and error.mean() < 2e-3  # close to float32, not equal
