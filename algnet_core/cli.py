@@ -1,4 +1,5 @@
-"""The ``algnet`` command: ``deblur`` image files, ``eval`` on a benchmark folder, ``info``, ``convert``."""
+"""The ``algnet`` command: ``deblur`` image files, ``eval`` on a benchmark folder, ``info``, ``convert``,
+``publish`` and ``finetune``."""
 
 from __future__ import annotations
 
@@ -404,7 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish.add_arguments(p)
     p.set_defaults(run=publish.run)
+    _add_finetune(sub)
     return parser
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    """``algnet finetune``, from ``algnet_train`` (the wheel's name for train/): its options module imports only
+    the standard library, the training engine is imported when the command runs."""
+    from algnet_train import finetune_cli
+
+    p = sub.add_parser("finetune", help="fine-tune a model on your own images and blur (PSF, parameters, pairs)")
+    finetune_cli.add_arguments(p)
+    p.set_defaults(run=finetune_cli.run)
 
 
 def _terminate(signum: int, _frame: object) -> None:
