@@ -92,15 +92,16 @@ def bundled_files(stem: str) -> tuple[Path, Path]:
     return weights.with_suffix(".json"), weights
 
 
-def save_bundled(model: ALGNet, stem: str, description: str) -> Path:
-    """Write ``model`` as bundled weights ``weights/<stem>.safetensors`` (float16) + ``<stem>.json``.
+def save_bundled(model: ALGNet, stem: str, description: str, directory: Path = WEIGHTS_DIR) -> Path:
+    """Write ``model`` as bundled weights ``<stem>.safetensors`` (float16) + ``<stem>.json`` in ``directory``
+    (default: the package's ``weights/``, where they ship).
 
     ``description`` goes into the safetensors metadata and appears in the load log line. Returns the
     weights path.
     """
-    WEIGHTS_DIR.mkdir(exist_ok=True)
+    directory.mkdir(exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
-    weights = WEIGHTS_DIR / f"{stem}.safetensors"
+    weights = directory / f"{stem}.safetensors"
     metadata = {"format": "pt", DESCRIPTION_KEY: description}
     safetensors.torch.save_file(state, weights, metadata=metadata)
     weights.with_suffix(".json").write_text(json.dumps(model._hub_mixin_config, indent=2) + "\n")
