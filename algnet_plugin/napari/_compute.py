@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 from napari.layers import Image, Layer
+from napari.utils.transforms import Affine
 
 import algnet_core
 from algnet_core import ALGNet
+from algnet_core.inference import DEFAULT_PERCENTILES
 from algnet_core.model import MULTIPLE
 
 LayerDataTuple = tuple[np.ndarray, dict[str, Any], str]
@@ -47,17 +49,20 @@ def deblur_layer(
     tile: int | str = "auto",
     overlap: int = 32,
     device: str = "auto",
+    normalize: str = "auto",
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     label: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> LayerDataTuple:
     """Deblur an image layer's full-resolution data with ``algnet_core.deblur``; the layer is not modified.
 
-    ``plane`` indexes the leading (non-YX) axes of the one plane to process; None processes every plane.
-    ``progress(done, total)`` counts tiles over all planes; ``cancel()`` returning True raises
-    ``algnet_core.DeblurCancelled`` within one tile. Returns ``(data, add_image kwargs, "image")`` with
-    the input's scale, translate, rgb flag and contrast limits and the provenance under
-    ``metadata["algnet"]``.
+    ``plane`` indexes the leading (non-YX) axes of the one plane to process; None processes every plane,
+    each one as its own image (``normalize`` and ``percentiles`` as in ``algnet_core.deblur``, per plane).
+    ``progress(done, total)`` counts the engine's steps (ALGBlocks run) over all planes; ``cancel()`` returning
+    True raises ``algnet_core.DeblurCancelled`` within one ALGBlock. Returns ``(data, add_image kwargs, "image")`` with
+    the input's placement (scale, translate, rotate, shear, affine, units, axis labels), rgb flag, contrast
+    limits and colormap, and the provenance under ``metadata["algnet"]``.
     """
     if not isinstance(layer, Image):
         raise TypeError(f"ALGNet deblurs image layers; {layer.name!r} is a {type(layer).__name__} layer")
@@ -74,7 +79,7 @@ def deblur_layer(
     out = np.empty(data.shape if plane is None else (1,) * len(lead) + data.shape[len(lead) :], data.dtype)
     for i, index in enumerate(planes):
 
-        def tiles_done(done: int, total: int, i: int = i) -> None:
+        def steps_done(done: int, total: int, i: int = i) -> None:
             if progress is not None:
                 progress(i * total + done, len(planes) * total)
 
@@ -84,13 +89,16 @@ def deblur_layer(
             tile=tile,
             overlap=overlap,
             device=device,
-            progress=tiles_done,
+            progress=steps_done,
             cancel=cancel,
+            normalize=normalize,
+            percentiles=percentiles,
         )
 
-    translate = np.asarray(layer.translate, dtype=float)
+    translate = np.array(layer.translate, dtype=float)  # a copy: napari returns the layer's own array
     if plane is not None:  # the one-plane output sits where that plane is in the world
-        translate[: len(lead)] += np.asarray(plane) * np.asarray(layer.scale)[: len(lead)]
+        linear = Affine(scale=layer.scale, rotate=layer.rotate, shear=layer.shear).linear_matrix
+        translate += linear @ np.concatenate([plane, np.zeros(layer.ndim - len(lead))])
     provenance = getattr(net, "provenance", {"model_id": "ALGNet instance", "source": "instance"})
     metadata = {
         "model_id": provenance.get("model_id"),
@@ -99,6 +107,8 @@ def deblur_layer(
         "tile": tile,
         "overlap": overlap,
         "device": str(next(net.parameters()).device),
+        "normalize": normalize,
+        "percentiles": list(percentiles) if normalize == "percentile" else None,
         "input_layer": layer.name,
         "planes": "all" if plane is None else list(plane),
         "multiscale_level": 0 if layer.multiscale else None,
@@ -106,7 +116,12 @@ def deblur_layer(
     kwargs: dict[str, Any] = {
         "name": output_name(layer.name, label or model_label(model)),
         "scale": tuple(layer.scale),
-        "translate": tuple(translate),
+        "translate": tuple(translate.tolist()),
+        "rotate": np.array(layer.rotate),
+        "shear": np.array(layer.shear),
+        "affine": np.array(layer.affine.affine_matrix),
+        "units": tuple(layer.units),
+        "axis_labels": tuple(layer.axis_labels),
         "rgb": layer.rgb,
         "contrast_limits": list(layer.contrast_limits),
         "metadata": {"algnet": metadata},
