@@ -1,7 +1,10 @@
 """The dock widget: gathers parameters, runs :func:`deblur_layer` in a thread worker, adds the result.
 
-Run turns into Cancel while the worker runs; progress goes to a napari progress bar over planes and
-tiles; errors become napari notifications; nothing is added to the viewer unless a run completes.
+Run turns into Cancel while the worker runs; progress goes to a napari progress bar over planes, tiles
+and ALGBlocks; failures (the worker's ``errored`` signal) become a napari notification and the status
+line, with the reason; nothing is added to the viewer unless a run completes. The image field follows the
+active image layer. Notes such as the offline fallback to bundled weights go to the status line on every
+run and to a one-line notification once per napari session.
 """
 
 from __future__ import annotations
@@ -13,15 +16,19 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, SpinBox
+import pint
+import torch
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton, SpinBox
 from napari.layers import Image, Layer
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
-from superqt.utils import ensure_main_thread
+from superqt.utils import FunctionWorker, ensure_main_thread
 
 import algnet_core
-from algnet_core import ALGNet, DeblurCancelled
+from algnet_core import ALGNet, DeblurCancelled, WeightsError
+from algnet_core.hub import resolve_files
+from algnet_core.inference import DEFAULT_PERCENTILES, NORMALIZE_MODES
 
 from ._compute import LayerDataTuple, deblur_layer, leading_shape, model_label
 
@@ -29,8 +36,34 @@ log = logging.getLogger(__name__)
 
 CUSTOM = "folder or Hub id…"
 CURRENT, ALL = "current plane", "all planes"
-DEFAULTS: dict[str, Any] = {"device": "auto", "tile": 0, "overlap": 32}
+NEEDS_DOWNLOAD = " (needs download)"
+PERCENTILE = "percentile"
+DEFAULTS: dict[str, Any] = {
+    "device": "auto",
+    "tile": 0,
+    "overlap": 32,
+    "normalize": "auto",
+    "low": DEFAULT_PERCENTILES[0],
+    "high": DEFAULT_PERCENTILES[1],
+}
 """Widget defaults; a tile of 0 means "auto" (the engine's choice)."""
+ANNOUNCED: set[str] = set()
+"""Notifications already shown in this napari session: each one is shown once, the status line repeats it."""
+
+
+def has_local_weights(name: str) -> bool:
+    """Whether the registered model ``name`` loads without the Hub: bundled weights or a Hugging Face cache copy."""
+    try:
+        resolve_files(name, local_files_only=True)
+    except WeightsError:
+        return False
+    return True
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """Blur-type choices (label, value): the registered models, marked when they need a download, then CUSTOM."""
+    models = [(name if has_local_weights(name) else name + NEEDS_DOWNLOAD, name) for name in algnet_core.list_models()]
+    return [*models, (CUSTOM, CUSTOM)]
 
 
 class DeblurWidget(Container):
@@ -39,13 +72,22 @@ class DeblurWidget(Container):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         self._viewer = napari_viewer
         self._image = ComboBox(name="image", choices=self._image_layers)
-        self._blur = ComboBox(name="blur", label="blur type", choices=[*algnet_core.list_models(), CUSTOM])
+        self._blur = ComboBox(name="blur", label="blur type", choices=model_choices())
+        self._blur.tooltip = f"models marked{NEEDS_DOWNLOAD} are not on this machine yet: they need the Hub"
         self._custom = LineEdit(name="model", visible=False)
         self._custom.native.setPlaceholderText("local save_pretrained folder or Hub repo id")
         self._device = ComboBox(name="device", choices=["auto", *algnet_core.available_devices()])
         self._tile = SpinBox(name="tile", label="tile (0 = auto)", min=0, max=4096, step=16)
         self._tile.tooltip = "tile side in pixels; 0 lets the engine choose from the free memory"
         self._overlap = SpinBox(name="overlap", min=0, max=512, tooltip="overlap of tiles in pixels")
+        self._normalize = ComboBox(name="normalize", label="normalisation", choices=NORMALIZE_MODES)
+        self._normalize.tooltip = (
+            "how values map to the network's 0..1: auto (the image's own range for 12- and 14-bit data, else "
+            "dtype), dtype (divided by the dtype's maximum), range (the image's min..max), percentile (the two "
+            "percentiles below map to 0 and 1)"
+        )
+        self._low = FloatSpinBox(name="low", label="low percentile", min=0, max=100, step=0.1, visible=False)
+        self._high = FloatSpinBox(name="high", label="high percentile", min=0, max=100, step=0.1, visible=False)
         self._defaults = PushButton(name="restore_defaults", text="Restore defaults")
         self._planes = ComboBox(name="planes", choices=[CURRENT, ALL], tooltip="for stacks: which planes")
         self._run = PushButton(name="run", text="Run")
@@ -53,7 +95,7 @@ class DeblurWidget(Container):
         self._status.native.setWordWrap(True)
         super().__init__(
             widgets=[self._image, self._blur, self._custom, self._device, self._tile, self._overlap]
-            + [self._defaults, self._planes, self._run, self._status]
+            + [self._normalize, self._low, self._high, self._defaults, self._planes, self._run, self._status]
         )
         self._restore_defaults()
         self.worker: Any = None
@@ -62,9 +104,12 @@ class DeblurWidget(Container):
         self._pbar: progress | None = None
         self._cached: tuple[tuple[str, str], ALGNet] | None = None
         self._blur.changed.connect(lambda value: setattr(self._custom, "visible", value == CUSTOM))
+        self._normalize.changed.connect(self._update_percentiles)
         self._image.changed.connect(self._update_planes)
         self._defaults.clicked.connect(self._restore_defaults)
         self._run.clicked.connect(self._run_or_cancel)
+        napari_viewer.layers.selection.events.active.connect(self._follow_active)
+        self._follow_active()
         self._update_planes()
 
     def _image_layers(self, _widget: ComboBox) -> list[tuple[str, Image]]:
@@ -74,6 +119,17 @@ class DeblurWidget(Container):
         for name, value in DEFAULTS.items():
             getattr(self, f"_{name}").value = value
 
+    def _follow_active(self, _event: Any = None) -> None:
+        """Point the image field at the viewer's active layer when that is an image layer."""
+        active = self._viewer.layers.selection.active
+        if isinstance(active, Image):
+            self._image.reset_choices()  # the layer may be new: list it first
+            self._image.value = active
+
+    def _update_percentiles(self) -> None:
+        for field in (self._low, self._high):
+            field.visible = self._normalize.value == PERCENTILE
+
     def _update_planes(self) -> None:
         layer = self._image.value
         self._planes.enabled = layer is not None and len(leading_shape(layer)) > 0
@@ -82,7 +138,15 @@ class DeblurWidget(Container):
         lead = leading_shape(layer)
         if not lead or self._planes.value == ALL:
             return None
-        coords = layer.world_to_data(self._viewer.dims.point)[: len(lead)]
+        dims = self._viewer.dims
+        # The slider's point is in the viewer's units (the finest of its layers'), the layer's transform in the
+        # layer's own: convert as napari does when it slices the layer for display.
+        units = pint.get_application_registry()
+        point = [
+            value * units.get_base_units(world)[0] / units.get_base_units(own)[0]
+            for value, world, own in zip(dims.point[-layer.ndim :], dims.units[-layer.ndim :], layer.units, strict=True)
+        ]
+        coords = layer.world_to_data(point)[: len(lead)]
         return tuple(int(np.clip(np.round(c), 0, s - 1)) for c, s in zip(coords, lead, strict=True))
 
     def _model_spec(self) -> str:
@@ -104,43 +168,51 @@ class DeblurWidget(Container):
                 raise ValueError("No image layer to deblur: open or add an image first")
             spec = self._model_spec()
         except ValueError as exc:
-            show_error(f"ALGNet Deblur: {exc}")
+            self._fail(str(exc))
             return
+        normalize = self._normalize.value
         params = {
             "plane": self._current_plane(layer),
             "tile": self._tile.value or "auto",
             "overlap": self._overlap.value,
             "device": self._device.value,
+            "normalize": normalize,
+            "percentiles": (self._low.value, self._high.value) if normalize == PERCENTILE else DEFAULT_PERCENTILES,
             "label": model_label(spec),
         }
+        threads = torch.get_num_threads()
         self._cancel.clear()
         self._pbar = progress(total=0, desc=f"ALGNet: loading {params['label']}")
-        self.worker = create_worker(self._work, layer, spec, params, _start_thread=False)
-        self.worker.returned.connect(self._on_returned)
-        self.worker.finished.connect(self._on_finished)
+        # superqt's worker class, not napari's: napari's also sends every error to its traceback notification,
+        # while a failed run here is reported as a readable message by _on_errored.
+        handlers = {"returned": self._on_returned, "errored": self._on_errored, "finished": self._on_finished}
+        self.worker = create_worker(
+            self._work,
+            layer,
+            spec,
+            threads,
+            params,
+            _start_thread=False,
+            _worker_class=FunctionWorker,
+            _connect=handlers,
+        )
         self._run.text = "Cancel"
         self._status.value = f"deblurring {layer.name!r}…"
         self.worker.start()
 
-    def _work(self, layer: Image, spec: str, params: dict[str, Any]) -> LayerDataTuple | str | None:
-        """Worker body: the output LayerDataTuple, None when cancelled, or an error message to show.
+    def _work(self, layer: Image, spec: str, threads: int, params: dict[str, Any]) -> LayerDataTuple:
+        """Worker body: the output LayerDataTuple; a failure or a cancel raises (the ``errored`` signal).
 
         The model is loaded here, off the GUI thread, so that fetching weights does not freeze napari;
-        the last one loaded is reused while blur type and device stay the same.
+        the last one loaded is reused while blur type and device stay the same. torch runs with the GUI
+        thread's intra-op ``threads``: a pooled worker thread keeps the count it had when it was created.
         """
-        try:
-            key = (spec, params["device"])
-            if self._cached is None or self._cached[0] != key:
-                self._cached = (key, algnet_core.load_model(spec, device=params["device"]))
-            self._on_progress(0, 0)
-            return deblur_layer(
-                layer, self._cached[1], progress=self._on_progress, cancel=self._cancel.is_set, **params
-            )
-        except DeblurCancelled:
-            return None
-        except Exception as exc:  # a message for a notification, not a traceback dialog
-            log.debug("ALGNet Deblur failed", exc_info=True)
-            return f"{exc}" or type(exc).__name__
+        torch.set_num_threads(threads)
+        key = (spec, params["device"])
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, algnet_core.load_model(spec, device=params["device"]))
+        self._on_progress(0, 0)
+        return deblur_layer(layer, self._cached[1], progress=self._on_progress, cancel=self._cancel.is_set, **params)
 
     @ensure_main_thread
     def _on_progress(self, done: int, total: int) -> None:
@@ -154,36 +226,50 @@ class DeblurWidget(Container):
         else:
             pbar.set_description("ALGNet: deblurring")
 
-    def _on_returned(self, result: LayerDataTuple | str | None) -> None:
-        if result is None:
-            self._status.value = "cancelled: no layer added"
-            show_info("ALGNet Deblur: cancelled, no layer was added")
-        elif isinstance(result, str):
-            self._status.value = "failed"
-            show_error(f"ALGNet Deblur: {result}")
-        else:
-            self._add_or_replace(result)
+    def _fail(self, message: str) -> None:
+        """Report a failure: the reason in the status line and in an error notification."""
+        self._status.value = f"failed: {message}"
+        show_error(f"ALGNet Deblur: {message}")
 
-    def _add_or_replace(self, result: LayerDataTuple) -> None:
+    def _on_errored(self, exc: Exception) -> None:
+        if isinstance(exc, DeblurCancelled):
+            self._status.value = "cancelled: no layer added"
+            show_info("ALGNet Deblur: cancelled, no layer added")
+            return
+        log.debug("ALGNet Deblur failed", exc_info=exc)
+        self._fail(str(exc) or type(exc).__name__)
+
+    def _on_returned(self, result: LayerDataTuple) -> None:
         data, kwargs, _ = result
         new = Layer.create(data, kwargs, "image")
         layers = self._viewer.layers
         name = kwargs["name"]
+        image = self._image.value  # adding the output makes it the active layer; the field stays
         if name in layers and "algnet" in layers[name].metadata:
             index = layers.index(name)
             layers.pop(index)
             layers.insert(index, new)
         else:
             layers.append(new)
+        if image in self._viewer.layers:
+            self._image.value = image
         meta = kwargs["metadata"]["algnet"]
         notes = [f"done: {meta['model_id']} ({meta['source']}) on {meta['device']}"]
+        toasts = []  # each fits on a notification's one line (else it is cut short): the status line has details
         if meta["source"] == "bundled":
-            notes.append("the Hub was not reachable: used the weights bundled with the package")
+            notes.append(
+                f"{meta['model_id']}: neither the Hub nor its local cache had a copy (offline?), "
+                "so the weights bundled with the package were used"
+            )
+            toasts.append(f"bundled {meta['model_id']} weights")
         if meta["multiscale_level"] == 0:
             notes.append("multiscale layer: the full-resolution level was deblurred")
+            toasts.append("used multiscale level 0")
         self._status.value = "\n".join(notes)
-        if len(notes) > 1:
-            show_info("ALGNet Deblur: " + "; ".join(notes[1:]))
+        for toast in toasts:
+            if toast not in ANNOUNCED:
+                ANNOUNCED.add(toast)
+                show_info(f"ALGNet Deblur: {toast}")
 
     def _on_finished(self) -> None:
         if self._pbar is not None:
@@ -191,3 +277,12 @@ class DeblurWidget(Container):
         self._pbar = None
         self.worker = None
         self._run.text = "Run"
+        self._refresh_models()
+
+    def _refresh_models(self) -> None:
+        """Mark the registered models afresh (a run may have downloaded one), keeping their order and the choice."""
+        value = self._blur.value
+        with self._blur.changed.blocked():
+            self._blur.native.clear()  # else magicgui moves a relabelled model to the end, and drops the choice
+            self._blur.choices = model_choices()
+            self._blur.value = value
