@@ -1,10 +1,13 @@
 """napari plugin "ALGNet Deblur": manifest, Plugins menu, runs on real layers, cancel, errors, samples.
 
+The model is ``helpers.active_tiny`` (every ALGBlock changes the image), so an output layer that equals
+``deblur`` of its input plane proves the plugin ran the network on the right data.
 Needs napari, pytest-qt and a display: CI runs it under a virtual X server (Xvfb).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import threading
@@ -20,35 +23,62 @@ if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
 
 import dask.array as da  # noqa: E402
 import torch  # noqa: E402
+from helpers import active_tiny, require_shared  # noqa: E402
+from huggingface_hub import constants  # noqa: E402
 from napari.layers import Image, Points  # noqa: E402
 from napari.utils.notifications import ErrorNotification, NotificationSeverity, notification_manager  # noqa: E402
 from npe2 import PluginManifest  # noqa: E402
-from qtpy.QtWidgets import QApplication  # noqa: E402
+from qtpy.QtWidgets import QApplication, QDialog, QLabel, QProgressBar  # noqa: E402
+from scipy import ndimage  # noqa: E402
+from skimage.draw import disk  # noqa: E402
 from skimage.io import imread  # noqa: E402
+from skimage.metrics import peak_signal_noise_ratio  # noqa: E402
 
 import algnet_core  # noqa: E402
-from algnet_core import ALGNet, DeblurCancelled  # noqa: E402
-from algnet_plugin.napari import DeblurWidget, deblur_layer, motion_blur_sample  # noqa: E402
+from algnet_core import ALGNet, DeblurCancelled, deblur  # noqa: E402
+from algnet_core.algblock import ALGBlock  # noqa: E402
+from algnet_core.inference import DEFAULT_PERCENTILES, NORMALIZE_MODES  # noqa: E402
+from algnet_plugin.napari import DeblurWidget, _widget, deblur_layer, motion_blur_sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 MANIFEST = ROOT / "napari.yaml"
 DOCK_TITLE = "Deblur (ALGNet Deblur)"
-TINY_LOCAL = dict(width=4, middle_blk_num=1, enc_blk_nums=(1, 1, 1, 1), dec_blk_nums=(1, 1, 1, 1))
-"""A tiny ALGNet (87 k parameters) without the Mamba branch: these tests check the plugin, not the net."""
-
-
-def tiny_model() -> ALGNet:
-    torch.manual_seed(0)
-    return ALGNet(**TINY_LOCAL, branches="local").eval()
+CUSTOM = "folder or Hub id…"
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A save_pretrained folder of the tiny model: the widget loads it as a "local model folder"."""
+    """A save_pretrained folder of the active tiny model: the widget loads it as a "local model folder"."""
     folder = tmp_path_factory.mktemp("models") / "tiny"
-    tiny_model().save_pretrained(folder)
+    active_tiny().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def numba_threads_launched() -> None:
+    """Launch numba's threads here, once, and keep torch's thread count as it was.
+
+    numba's first ``set_num_threads`` (in the compiled CPU scan) starts its OpenMP workers, which also sets
+    OpenMP's thread count of the calling thread to numba's (all cores): torch in that thread then runs with
+    another count and its float sums can differ in the last bit. Done in the first widget run's worker, that
+    would make the run differ from the ``deblur`` it is compared with.
+    """
+    threads = torch.get_num_threads()
+    deblur(np.zeros((16, 16), np.float32), active_tiny())
+    torch.set_num_threads(threads)
+
+
+def use_model(monkeypatch: pytest.MonkeyPatch, model: ALGNet) -> None:
+    """Make every model the widget loads (whatever the blur type) be ``model``."""
+    monkeypatch.setattr(algnet_core, "load_model", lambda spec, device="auto": model)
+
+
+def deblur_planes(stack: np.ndarray, model: ALGNet, lead: int) -> np.ndarray:
+    """``deblur`` of each plane of ``stack`` (``lead`` leading axes), the reference for the widget's output."""
+    out = np.empty_like(stack)
+    for index in np.ndindex(stack.shape[:lead]):
+        out[index] = deblur(stack[index], model)
+    return out
 
 
 @pytest.fixture
@@ -78,6 +108,58 @@ def errors_shown() -> list[str]:
     return [n.message for n in notification_manager.records if n.severity == NotificationSeverity.ERROR]
 
 
+def snapshot(layer: Image) -> dict:
+    """Copies of every property of ``layer`` that a run must leave as it is (the data's identity aside)."""
+    arrays = ("translate", "scale", "rotate", "shear", "contrast_limits")
+    return {
+        **{name: np.array(getattr(layer, name)).tolist() for name in arrays},
+        "data": (layer.data.shape, layer.data.dtype, layer.data.tobytes()),
+        "affine": layer.affine.affine_matrix.tolist(),
+        "metadata": copy.deepcopy(layer.metadata),
+        "name": layer.name,
+        "visible": layer.visible,
+        "opacity": layer.opacity,
+        "blending": str(layer.blending),
+        "colormap": layer.colormap.name,
+        "units": tuple(str(unit) for unit in layer.units),
+        "axis_labels": tuple(layer.axis_labels),
+    }
+
+
+def microscopy(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(sharp, blurred) 12-bit camera frame: round cells on a background of 58 counts, up to 2336; the
+    blurred frame is the sharp one through a Gaussian blur (sigma 2) and Poisson noise, as uint16."""
+    rng = np.random.default_rng(3)
+    cells = np.zeros((size, size))
+    for centre in rng.integers(12, size - 12, (10, 2)):
+        cells[disk(tuple(centre), rng.integers(3, 9), shape=cells.shape)] = rng.uniform(0.4, 1.0)
+    sharp = 58 + (2336 - 58) * cells
+    return sharp, rng.poisson(ndimage.gaussian_filter(sharp, 2.0)).astype(np.uint16)
+
+
+def psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    """PSNR in dB with the reference's own range as the peak."""
+    return peak_signal_noise_ratio(reference, image.astype(float), data_range=np.ptp(reference))
+
+
+def blocking_model(gate: threading.Event, *, fail: bool = False, at_block: int | None = None) -> ALGNet:
+    """The active tiny model, made to wait for ``gate`` before its first forward (or before ALGBlock call ``at_block``),
+    then to raise ``RuntimeError("planted failure in the network")`` when ``fail``."""
+    model, calls = active_tiny(), []
+
+    def wait(*_):
+        calls.append(1)
+        if at_block is None or len(calls) == at_block:
+            gate.wait(10)
+            if fail:
+                raise RuntimeError("planted failure in the network")
+
+    modules = [model] if at_block is None else [m for m in model.modules() if isinstance(m, ALGBlock)]
+    for module in modules:
+        module.register_forward_pre_hook(wait)
+    return model
+
+
 def test_manifest_validates_and_ships_inside_the_package():
     manifest = PluginManifest.from_file(MANIFEST)
     manifest.validate_imports()
@@ -97,15 +179,19 @@ def test_plugins_menu_opens_the_dock_and_layers_filter_lists_it(docked):
 def test_restore_defaults_button(docked):
     _, widget = docked
     widget.tile.value, widget.overlap.value, widget.device.value = 128, 8, "cpu"
+    widget.normalize.value, widget.low.value, widget.high.value = "percentile", 5.0, 95.0
+    assert widget.low.visible and widget.high.visible
     widget.restore_defaults.native.click()
     assert (widget.tile.value, widget.overlap.value, widget.device.value) == (0, 32, "auto")
+    assert (widget.normalize.value, widget.low.value, widget.high.value) == ("auto", 1.0, 99.8)
+    assert not widget.low.visible and not widget.high.visible
 
 
 @pytest.mark.parametrize("case", ["rgb_photo", "gray_uint16", "stack_3_planes"])
-def test_run_adds_a_new_layer_and_keeps_the_input(docked, qtbot, tiny_folder, case):
+def test_output_layer_is_deblur_of_each_input_plane(docked, qtbot, tiny_folder, case):
     viewer, widget = docked
     if case == "rgb_photo":  # a real 50x125 RGB photo (RealBlur crop), read in place
-        layer = viewer.add_image(imread(SHARED / "data/realblur_crop/blur/scene050-6.png"), scale=(0.5, 0.5))
+        layer = viewer.add_image(imread(require_shared() / "data/realblur_crop/blur/scene050-6.png"), scale=(0.5, 0.5))
     elif case == "gray_uint16":
         data = np.random.default_rng(0).integers(0, 65535, (40, 56), dtype=np.uint16)
         layer = viewer.add_image(data, scale=(2.0, 1.0), translate=(10, -3), contrast_limits=(100, 60000))
@@ -115,24 +201,72 @@ def test_run_adds_a_new_layer_and_keeps_the_input(docked, qtbot, tiny_folder, ca
         widget.planes.value = "all planes"
     before = layer.data.copy()
     widget.image.value = layer
-    widget.blur.value = "folder or Hub id…"
+    widget.blur.value = CUSTOM
     widget.model.value = str(tiny_folder)
     run_widget(qtbot, widget)
 
     out = viewer.layers[f"{layer.name} [ALGNet tiny]"]
-    assert len(viewer.layers) == 2 and out.data.shape == layer.data.shape and out.data.dtype == layer.data.dtype
+    assert len(viewer.layers) == 2 and out.data.dtype == layer.data.dtype
+    expected = deblur_planes(before, active_tiny(), lead=before.ndim - (3 if layer.rgb else 2))
+    np.testing.assert_array_equal(out.data, expected)
+    assert np.abs(out.data.astype(float) - before).mean() > 0.01 * np.ptp(before)  # the network changed it
     np.testing.assert_array_equal(out.scale, layer.scale)
     np.testing.assert_array_equal(out.translate, layer.translate)
     assert out.rgb == layer.rgb and out.contrast_limits == layer.contrast_limits
     assert out.metadata["algnet"]["tile"] == "auto" and out.metadata["algnet"]["overlap"] == 32
+    assert out.metadata["algnet"]["normalize"] == "auto"
     assert layer.data.tobytes() == before.tobytes()
+
+
+def test_normalisation_choice_reaches_the_engine(docked, qtbot, monkeypatch):
+    viewer, widget = docked
+    model = active_tiny()
+    use_model(monkeypatch, model)
+    _, plane = microscopy()
+    assert 0 < plane.min() and 2000 < plane.max() < 2**12  # a 12-bit camera's counts in a uint16 array
+    viewer.add_image(plane, name="cells")
+    assert widget.normalize.value == "auto" and not widget.low.visible
+    outputs = {}
+    for mode in NORMALIZE_MODES:
+        widget.normalize.value = mode
+        assert widget.low.visible == widget.high.visible == (mode == "percentile")
+        widget.low.value, widget.high.value = 2.0, 98.0  # used by "percentile" only
+        run_widget(qtbot, widget)
+        assert not widget.status.value.startswith("failed"), widget.status.value
+        meta = viewer.layers["cells [ALGNet motion]"].metadata["algnet"]
+        assert meta["normalize"] == mode and meta["percentiles"] == ([2.0, 98.0] if mode == "percentile" else None)
+        outputs[mode] = viewer.layers["cells [ALGNet motion]"].data
+    for mode, out in outputs.items():
+        percentiles = (2, 98) if mode == "percentile" else DEFAULT_PERCENTILES
+        np.testing.assert_array_equal(out, deblur(plane, model, normalize=mode, percentiles=percentiles))
+    assert np.abs(outputs["auto"].astype(float) - outputs["dtype"]).mean() > 50  # not the dtype mapping for 12 bits
+
+
+def test_twelve_bit_image_is_deblurred_as_well_as_its_full_range_copy(docked, qtbot):
+    """issue #13.1: 12-bit counts divided by 65535 reached the network as a nearly black image (-11.6 dB)."""
+    viewer, widget = docked
+    sharp, counts = microscopy()
+    low, high = int(counts.min()), int(counts.max())
+    gain = 65535 / (high - low)
+    viewer.add_image(counts, name="12-bit")
+    viewer.add_image(np.round((counts - low) * gain).astype(np.uint16), name="full range")
+    widget.blur.value = "defocus"  # the bundled weights: no download
+    assert widget.normalize.value == "auto"  # the default
+    for name in ("12-bit", "full range"):
+        widget.image.value = viewer.layers[name]
+        run_widget(qtbot, widget)
+        assert widget.status.value.startswith("done"), widget.status.value
+    twelve = psnr(sharp, viewer.layers["12-bit [ALGNet defocus]"].data)
+    full = psnr((sharp - low) * gain, viewer.layers["full range [ALGNet defocus]"].data)
+    assert twelve >= full - 0.5
+    assert twelve > psnr(sharp, counts) + 1.0  # (measured: 22.8 -> 25.0 dB) it deblurs, not only passes through
 
 
 def test_rerun_replaces_the_previous_output(docked, qtbot, tiny_folder):
     viewer, widget = docked
     viewer.add_image(np.zeros((32, 32), np.uint8), name="a")
     viewer.add_image(np.ones((32, 32), np.uint8), name="b")  # its output is not touched
-    widget.blur.value = "folder or Hub id…"
+    widget.blur.value = CUSTOM
     widget.model.value = str(tiny_folder)
     for name in ("b", "a", "a"):
         widget.image.value = viewer.layers[name]
@@ -140,30 +274,159 @@ def test_rerun_replaces_the_previous_output(docked, qtbot, tiny_folder):
     assert [layer.name for layer in viewer.layers] == ["a", "b", "b [ALGNet tiny]", "a [ALGNet tiny]"]
 
 
-def test_current_plane_only_sits_at_that_plane(docked, qtbot, tiny_folder):
+def test_current_plane_sits_at_that_plane_and_leaves_the_input_in_place(docked, qtbot, tiny_folder):
     viewer, widget = docked
-    layer = viewer.add_image(np.zeros((3, 32, 32), np.float32), scale=(5.0, 1.0, 1.0), translate=(1, 0, 0))
-    viewer.dims.set_current_step(0, 2)
+    stack = np.random.default_rng(4).random((5, 32, 32), dtype=np.float32)
+    layer = viewer.add_image(stack, scale=(2.0, 1.0, 1.0))
+    viewer.dims.set_current_step(0, 3)
     widget.image.value = layer
-    widget.blur.value = "folder or Hub id…"
+    widget.blur.value = CUSTOM
     widget.model.value = str(tiny_folder)
     assert widget.planes.value == "current plane" and widget.planes.enabled
     run_widget(qtbot, widget)
     out = viewer.layers[-1]
-    assert out.data.shape == (1, 32, 32) and tuple(out.translate) == (11.0, 0.0, 0.0)
-    assert out.metadata["algnet"]["planes"] == [2]
+    assert out.data.shape == (1, 32, 32) and tuple(out.translate) == (6.0, 0.0, 0.0)
+    assert out.metadata["algnet"]["planes"] == [3]
+    np.testing.assert_array_equal(out.data[0], deblur(stack[3], active_tiny()))
+    assert tuple(layer.translate) == (0.0, 0.0, 0.0)  # was (6, 0, 0): the output's offset written into it
+
+
+@pytest.mark.parametrize("kind", ["2d", "rgb", "current_plane", "all_planes", "cancelled", "failed"])
+def test_every_kind_of_run_leaves_the_input_layer_as_it_was(docked, qtbot, monkeypatch, kind):
+    viewer, widget = docked
+    gate = threading.Event()
+    model = blocking_model(gate, fail=kind == "failed") if kind in ("cancelled", "failed") else active_tiny()
+    use_model(monkeypatch, model)
+    placement = {"opacity": 0.7, "blending": "additive", "metadata": {"experiment": {"id": 7}, "tags": ["a"]}}
+    if kind == "2d":
+        data = np.random.default_rng(5).integers(0, 4096, (40, 56), dtype=np.uint16)
+        placement |= {"rotate": 30, "shear": [0.2], "affine": [[1, 0, 5], [0, 2, -4], [0, 0, 1]]}
+        layer = viewer.add_image(
+            data, scale=(2, 1), translate=(10, -3), contrast_limits=(100, 3000), colormap="magma", **placement
+        )
+    elif kind == "rgb":
+        data = imread(require_shared() / "data/realblur_crop/blur/scene050-6.png")
+        layer = viewer.add_image(data, scale=(0.5, 0.5), translate=(1, 2), rotate=10, **placement)
+    else:
+        data = np.random.default_rng(6).random((5, 32, 32), dtype=np.float32)
+        c, s = np.cos(0.4), np.sin(0.4)
+        rotate = [[1, 0, 0], [0, c, -s], [0, s, c]]  # within the image plane
+        affine = np.eye(4)
+        affine[1:3, 3] = 5, -5
+        placement |= {"rotate": rotate, "shear": [0, 0, 0.1], "affine": affine, "colormap": "viridis"}
+        placement |= {"units": ("um", "nm", "nm"), "axis_labels": ("z", "y", "x")}  # the slider's point is in nm
+        layer = viewer.add_image(data, scale=(2, 1, 1), translate=(0, 4, 0), contrast_limits=(0.1, 0.9), **placement)
+        viewer.dims.set_current_step(0, 3)
+        widget.planes.value = "all planes" if kind in ("all_planes", "cancelled") else "current plane"
+    before, data = snapshot(layer), layer.data
+    widget.run.native.click()
+    if kind == "cancelled":
+        widget.run.native.click()
+    gate.set()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+
+    assert layer.data is data and snapshot(layer) == before
+    if kind in ("cancelled", "failed"):
+        assert [lay.name for lay in viewer.layers] == [layer.name]
+        failed = "failed: planted failure in the network"
+        assert widget.status.value == ("cancelled: no layer added" if kind == "cancelled" else failed)
+        return
+    out = viewer.layers[-1]
+    for name in ("scale", "rotate", "shear"):
+        np.testing.assert_allclose(getattr(out, name), getattr(layer, name), atol=1e-12)
+    np.testing.assert_allclose(out.affine.affine_matrix, layer.affine.affine_matrix)
+    plane = (3,) if kind == "current_plane" else (0,) * (layer.ndim - 2)
+    for pixel in [(0, 0), (5, 7), (31, 20)]:  # the output shows each pixel where the input shows it
+        out_world = out.data_to_world((*(0,) * (layer.ndim - 2), *pixel))
+        np.testing.assert_allclose(out_world, layer.data_to_world((*plane, *pixel)))
+
+
+def test_image_field_follows_the_active_image_layer(docked, qtbot, monkeypatch):
+    viewer, widget = docked
+    use_model(monkeypatch, active_tiny())
+    viewer.open_sample("algnet", "motion")
+    sharp, blurred = viewer.layers["astronaut (sharp reference)"], viewer.layers["astronaut (motion blur)"]
+    assert widget.image.value is blurred  # not the first image layer, the hidden sharp reference
+    assert DeblurWidget(viewer).image.value is blurred  # a widget opened after the sample too
+    viewer.layers.selection.active = sharp
+    assert widget.image.value is sharp
+    viewer.add_points([[1, 1]])  # the active layer is not an image: the field stays
+    assert widget.image.value is sharp
+    viewer.layers.selection.active = blurred
+    run_widget(qtbot, widget)
+    assert viewer.layers.selection.active.name == "astronaut (motion blur) [ALGNet motion]"
+    assert widget.image.value is blurred  # the new output became active; the field stays on the input
+
+
+def test_models_that_need_a_download_are_marked(docked, qtbot, monkeypatch, tmp_path):
+    viewer, widget = docked
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty Hugging Face cache
+    use_model(monkeypatch, active_tiny())
+    viewer.add_image(np.zeros((32, 32), np.uint8))
+
+    def labels() -> list[str]:
+        return [widget.blur.native.itemText(i) for i in range(widget.blur.native.count())]
+
+    run_widget(qtbot, widget)  # every run ends by checking the models afresh
+    assert labels() == ["motion", "defocus", "motion-algnet (needs download)", "motion-b (needs download)", CUSTOM]
+    assert widget.blur.choices == ("motion", "defocus", "motion-algnet", "motion-b", CUSTOM)
+
+    snapshot_dir = tmp_path / "models--algnet--ALGNet-GoPro" / "snapshots" / ("0" * 40)
+    snapshot_dir.mkdir(parents=True)
+    (snapshot_dir.parents[1] / "refs").mkdir()
+    (snapshot_dir.parents[1] / "refs" / "main").write_text("0" * 40)
+    for name in ("config.json", "model.safetensors"):  # as a run that downloaded motion-algnet leaves the cache
+        (snapshot_dir / name).write_text("{}")
+    widget.blur.value = "motion-algnet"
+    run_widget(qtbot, widget)
+    assert labels() == ["motion", "defocus", "motion-algnet", "motion-b (needs download)", CUSTOM]
+    assert widget.blur.value == "motion-algnet" and not widget.model.visible
+
+
+def test_progress_bar_is_determinate_within_a_one_tile_image(docked, qtbot, monkeypatch):
+    viewer, widget = docked
+    gate = threading.Event()
+    use_model(monkeypatch, blocking_model(gate, at_block=2))  # waits in the second ALGBlock of the only tile
+    viewer.add_image(np.zeros((32, 32), np.uint8))
+    widget.run.native.click()
+
+    def determinate() -> bool:
+        bars = viewer.window._qt_window.findChildren(QProgressBar)
+        return any(bar.maximum() > 0 and bar.value() >= 1 for bar in bars)
+
+    try:
+        qtbot.waitUntil(determinate, timeout=10_000)
+    finally:
+        gate.set()
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
+
+
+def test_the_worker_runs_torch_with_the_gui_threads_count(docked, qtbot, monkeypatch):
+    viewer, widget = docked
+    model, seen = active_tiny(), []
+    model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    use_model(monkeypatch, model)
+    viewer.add_image(np.zeros((32, 32), np.uint8))
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):  # a new worker thread has the default count, a pooled one keeps the one it had
+            torch.set_num_threads(count)
+            run_widget(qtbot, widget)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 2]
 
 
 def test_cancel_mid_run_leaves_the_layer_list_as_before(docked, qtbot, monkeypatch):
     viewer, widget = docked
-    model, in_tile, release = tiny_model(), threading.Event(), threading.Event()
+    model, in_tile, release = active_tiny(), threading.Event(), threading.Event()
 
     def block_first_tile(*_):
         in_tile.set()
         release.wait(10)
 
     model.register_forward_pre_hook(block_first_tile)
-    monkeypatch.setattr(algnet_core, "load_model", lambda spec, device="auto": model)
+    use_model(monkeypatch, model)
     viewer.add_image(np.zeros((3, 32, 32), np.float32), name="stack")
     widget.planes.value = "all planes"
     names = [layer.name for layer in viewer.layers]
@@ -176,24 +439,54 @@ def test_cancel_mid_run_leaves_the_layer_list_as_before(docked, qtbot, monkeypat
     assert widget.status.value.startswith("cancelled")
 
 
-def test_weights_load_in_the_background_and_offline_fallback_is_announced(docked, qtbot, monkeypatch):
+def test_weights_load_in_the_background_and_offline_fallback_is_announced_once_per_model(docked, qtbot, monkeypatch):
     viewer, widget = docked
+    monkeypatch.setattr(_widget, "ANNOUNCED", set())  # a new napari session
     loaded_in: list[threading.Thread] = []
 
     def offline_load(spec: str, device: str = "auto") -> ALGNet:
         loaded_in.append(threading.current_thread())
-        model = tiny_model()
+        model = active_tiny()
         model.provenance = {"model_id": spec, "revision": None, "source": "bundled"}
         return model
+
+    def toasts() -> list[QLabel]:
+        dialogs = viewer.window._qt_window.findChildren(QDialog)
+        return [d.message for d in dialogs if type(d).__name__ == "NapariQtNotification" and d.isVisible()]
 
     monkeypatch.setattr(algnet_core, "load_model", offline_load)
     viewer.add_image(np.zeros((32, 32), np.uint8), name="photo")
     notification_manager.records.clear()
-    run_widget(qtbot, widget)
-    assert loaded_in and loaded_in[0] is not threading.main_thread()
-    assert viewer.layers["photo [ALGNet motion]"].metadata["algnet"]["source"] == "bundled"
-    assert "Hub was not reachable" in widget.status.value
-    assert any("Hub was not reachable" in n.message for n in notification_manager.records)
+    for blur, run_in in [("motion", widget), ("defocus", widget), ("motion", widget), ("motion", DeblurWidget(viewer))]:
+        run_in.image.value = viewer.layers["photo"]
+        run_in.blur.value = blur
+        run_widget(qtbot, run_in)
+        assert viewer.layers[f"photo [ALGNet {blur}]"].metadata["algnet"]["source"] == "bundled"
+        assert f"{blur}: neither the Hub nor its local cache had a copy" in run_in.status.value
+        assert "the weights bundled with the package were used" in run_in.status.value
+    assert len(loaded_in) == 4 and threading.main_thread() not in loaded_in
+    notes = [n.message for n in notification_manager.records if "bundled" in n.message]
+    assert notes == ["ALGNet Deblur: bundled motion weights", "ALGNet Deblur: bundled defocus weights"]
+    qtbot.waitUntil(lambda: len(toasts()) == 2, timeout=5_000)
+    for label in toasts():  # shown whole on the toast's one line, not cut short with "…"
+        assert QLabel.text(label) == label.text() and label.text() in notes
+
+
+def test_failures_come_through_the_errored_signal_into_the_status_line(docked, qtbot, monkeypatch):
+    viewer, widget = docked
+    gate = threading.Event()
+    use_model(monkeypatch, blocking_model(gate, fail=True))
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="photo")
+    notification_manager.records.clear()
+    widget.run.native.click()
+    errored: list[Exception] = []
+    widget.worker.errored.connect(errored.append)
+    gate.set()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
+    assert [str(exc) for exc in errored] == ["planted failure in the network"]
+    assert widget.status.value == "failed: planted failure in the network"
+    assert errors_shown() == ["ALGNet Deblur: planted failure in the network"]
+    assert [layer.name for layer in viewer.layers] == ["photo"] and widget.run.text == "Run"
 
 
 def test_errors_are_notifications_without_traceback(docked, qtbot, tiny_folder):
@@ -202,12 +495,13 @@ def test_errors_are_notifications_without_traceback(docked, qtbot, tiny_folder):
     viewer.add_points([[1, 1]])
     widget.run.native.click()  # no image layer at all
     assert widget.worker is None and "No image layer" in errors_shown()[-1]
+    assert widget.status.value.startswith("failed: No image layer")
 
     viewer.add_image(np.zeros((2, 2), np.uint8), name="tiny")
-    widget.blur.value = "folder or Hub id…"
+    widget.blur.value = CUSTOM
     widget.model.value = str(tiny_folder)
     run_widget(qtbot, widget)
-    assert "'tiny' is 2x2 pixels" in errors_shown()[-1]
+    assert "'tiny' is 2x2 pixels" in errors_shown()[-1] and "'tiny' is 2x2 pixels" in widget.status.value
     assert [layer.name for layer in viewer.layers] == ["Points", "tiny"]
     assert not [n for n in notification_manager.records if isinstance(n, ErrorNotification)]
     dialogs = [w for w in QApplication.topLevelWidgets() if type(w).__name__ == "TracebackDialog"]
@@ -215,28 +509,45 @@ def test_errors_are_notifications_without_traceback(docked, qtbot, tiny_folder):
 
 
 def test_deblur_layer_without_viewer_one_plane_dask_and_multiscale():
-    model = tiny_model()
+    model = active_tiny()
     stack = np.random.default_rng(2).random((2, 3, 32, 32), dtype=np.float32)
-    data, kwargs, kind = deblur_layer(Image(stack, scale=(1, 4, 1, 1)), model, plane=(1, 2))
+    layer = Image(stack, scale=(1, 4, 1, 1))
+    data, kwargs, kind = deblur_layer(layer, model, plane=(1, 2))
     assert kind == "image" and data.shape == (1, 1, 32, 32) and kwargs["translate"] == (1.0, 8.0, 0.0, 0.0)
+    np.testing.assert_array_equal(data[0, 0], deblur(stack[1, 2], model))
+    assert tuple(layer.translate) == (0.0, 0.0, 0.0, 0.0)
     full, _, _ = deblur_layer(Image(da.from_array(stack, chunks=(1, 1, 32, 32))), model)
-    assert isinstance(full, np.ndarray) and full.shape == stack.shape
-    np.testing.assert_allclose(full[1, 2], data[0, 0], atol=1e-6)
+    assert isinstance(full, np.ndarray)
+    np.testing.assert_array_equal(full, deblur_planes(stack, model, lead=2))
 
     pyramid = [np.zeros((64, 64, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)]
     out, kwargs, _ = deblur_layer(Image(pyramid, multiscale=True, rgb=True), model)
     assert out.shape == (64, 64, 3) and kwargs["metadata"]["algnet"]["multiscale_level"] == 0
 
 
-def test_deblur_layer_counts_tiles_over_planes_and_cancels():
+def test_one_plane_output_overlays_its_plane_under_any_transform():
+    c, s = np.cos(0.3), np.sin(0.3)
+    rotate = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])  # mixes the plane axis with y
+    placement = {"scale": (3, 1.5, 1), "translate": (1, 2, 3), "rotate": rotate, "shear": [0.1, 0.2, 0.3]}
+    placement |= {"affine": np.diag([1, 2, 1, 1.0]), "units": ("um",) * 3, "axis_labels": "zyx"}
+    layer = Image(np.zeros((4, 32, 32), np.float32), **placement)
+    data, kwargs, _ = deblur_layer(layer, active_tiny(), plane=(2,))
+    out = Image(data, **kwargs)
+    for pixel in [(0, 0), (5, 7), (31, 20)]:
+        np.testing.assert_allclose(out.data_to_world((0, *pixel)), layer.data_to_world((2, *pixel)))
+    assert out.units == layer.units and out.axis_labels == layer.axis_labels
+
+
+def test_deblur_layer_counts_progress_over_planes_and_cancels():
     seen: list[tuple[int, int]] = []
     layer = Image(np.zeros((3, 32, 32), np.uint8))
-    deblur_layer(layer, tiny_model(), progress=lambda done, total: seen.append((done, total)))
+    deblur_layer(layer, active_tiny(), progress=lambda done, total: seen.append((done, total)))
     assert seen[-1][0] == seen[-1][1] and seen[-1][1] % 3 == 0 and len(seen) == seen[-1][1]
+    assert [done for done, _ in seen] == list(range(1, seen[-1][1] + 1))
     with pytest.raises(DeblurCancelled):
-        deblur_layer(layer, tiny_model(), progress=lambda *_: seen.clear(), cancel=lambda: not seen)
+        deblur_layer(layer, active_tiny(), progress=lambda *_: seen.clear(), cancel=lambda: not seen)
     with pytest.raises(TypeError, match="Points layer"):
-        deblur_layer(Points([[1, 1]]), tiny_model())
+        deblur_layer(Points([[1, 1]]), active_tiny())
 
 
 def test_motion_sample_is_a_blurred_photo_with_its_sharp_reference():
