@@ -38,8 +38,7 @@ def main() -> None:
     viewer.open_sample("algnet", "motion")
     menu = {action.text(): action for action in viewer.window.plugins_menu.actions()}
     menu["Deblur (ALGNet Deblur)"].trigger()  # as a user opens it: Plugins → Deblur (ALGNet Deblur)
-    widget = viewer.window.dock_widgets["Deblur (ALGNet Deblur)"]
-    widget.image.value = viewer.layers["astronaut (motion blur)"]
+    widget = viewer.window.dock_widgets["Deblur (ALGNet Deblur)"]  # its image field: the active (blurred) layer
     if args.model in algnet_core.list_models():
         widget.blur.value = args.model
     else:
@@ -54,7 +53,7 @@ def main() -> None:
         raise SystemExit(f"deblurring took longer than {args.timeout} s")
 
     viewer.layers.selection.active = viewer.layers[-1]
-    viewer.grid.enabled = True  # blurred and deblurred side by side (the sharp reference stays hidden)
+    viewer.canvas.grid.enabled = True  # blurred and deblurred side by side (the sharp reference stays hidden)
     viewer.reset_view()
     for toast in viewer.window._qt_window.findChildren(QDialog):
         if type(toast).__name__ == "NapariQtNotification":
