@@ -243,6 +243,15 @@ def resolve_files(name_or_path: str | os.PathLike, revision: str | None = None, 
     return config, weights, provenance
 
 
+def loads_offline(name: str) -> bool:
+    """Whether the registered model ``name`` loads without the Hub: bundled weights or a Hugging Face cache copy."""
+    try:
+        resolve_files(name, local_files_only=True)
+    except WeightsError:
+        return False
+    return True
+
+
 def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> ALGNet:
     """Load an ALGNet (CPU, float32, eval) from a folder, registered name or Hub repo id, strictly.
 

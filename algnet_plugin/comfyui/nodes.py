@@ -66,20 +66,11 @@ def _local_files() -> list[str]:
     return list(folder_paths.get_filename_list(MODELS_FOLDER))
 
 
-def _loads_offline(name: str) -> bool:
-    """Whether the registered model ``name`` loads without the Hub: bundled, or in the Hugging Face cache."""
-    try:
-        hub.resolve_files(name, local_files_only=True)
-    except WeightsError:
-        return False
-    return True
-
-
 def available_models() -> list[str]:
     """The registered models that can be loaded now: all of them while the Hub can be reached, else those
     bundled or in the Hugging Face cache (the Hub is probed only when some model is neither)."""
     names = list_models()
-    offline = [name for name in names if _loads_offline(name)]
+    offline = [name for name in names if hub.loads_offline(name)]
     return names if len(offline) < len(names) and hub.hub_reachable() else offline
 
 

@@ -26,8 +26,8 @@ from napari.utils.notifications import show_error, show_info
 from superqt.utils import FunctionWorker, ensure_main_thread
 
 import algnet_core
-from algnet_core import ALGNet, DeblurCancelled, WeightsError
-from algnet_core.hub import resolve_files
+from algnet_core import ALGNet, DeblurCancelled
+from algnet_core.hub import loads_offline
 from algnet_core.inference import DEFAULT_PERCENTILES, NORMALIZE_MODES
 
 from ._compute import LayerDataTuple, deblur_layer, leading_shape, model_label
@@ -51,18 +51,9 @@ ANNOUNCED: set[str] = set()
 """Notifications already shown in this napari session: each one is shown once, the status line repeats it."""
 
 
-def has_local_weights(name: str) -> bool:
-    """Whether the registered model ``name`` loads without the Hub: bundled weights or a Hugging Face cache copy."""
-    try:
-        resolve_files(name, local_files_only=True)
-    except WeightsError:
-        return False
-    return True
-
-
 def model_choices() -> list[tuple[str, str]]:
     """Blur-type choices (label, value): the registered models, marked when they need a download, then CUSTOM."""
-    models = [(name if has_local_weights(name) else name + NEEDS_DOWNLOAD, name) for name in algnet_core.list_models()]
+    models = [(name if loads_offline(name) else name + NEEDS_DOWNLOAD, name) for name in algnet_core.list_models()]
     return [*models, (CUSTOM, CUSTOM)]
 
 
