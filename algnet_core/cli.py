@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import publish
+from .distributed import is_zarr
 from .hub import REGISTRY, bundled_files, convert_checkpoint, load_model
 from .imageio import IMAGE_SUFFIXES, SAMPLE_IMAGE, Stack, read_image, write_image
 from .inference import (
@@ -34,6 +35,7 @@ from .inference import (
 from .metrics import data_range_of, image_metrics
 from .model import MULTIPLE, PRESETS, ALGNet
 
+ZARR_SUFFIX = ".zarr"
 FILE_ERRORS = (OSError, TypeError, ValueError, RuntimeError, MemoryError)
 """What one bad file raises (unreadable, unsupported, too small, out of memory): reported, then the next file."""
 
@@ -65,6 +67,14 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(f"--percentiles {low:g} {high:g}: need 0 <= LOW < HIGH <= 100")
         if args.normalize != "percentile":
             parser.error("--percentiles applies to --normalize percentile only")
+    if args.command == "deblur":
+        zarr_output = Path(args.output).suffix.lower() == ZARR_SUFFIX
+        if args.scheduler is not None and not zarr_output:
+            parser.error(f"--scheduler needs a zarr output: -o NAME{ZARR_SUFFIX}")
+        if zarr_output and (args.sample or len(args.inputs) != 1):
+            parser.error(f"-o NAME{ZARR_SUFFIX} takes one input: a zarr array, a TIFF stack or a folder of images")
+        if zarr_output and args.overwrite:
+            parser.error(f"-o NAME{ZARR_SUFFIX} never replaces an array: remove it first or choose a new name")
 
 
 def collect_inputs(items: Sequence[str]) -> list[Path]:
@@ -174,7 +184,16 @@ def cmd_deblur(args: argparse.Namespace) -> int:
     A file that fails (unreadable, unsupported, ...) is reported by name and the others go on; the exit
     status is then 1. With --sample and no other input, an existing output is kept and the result written
     under a fresh name (motion_blurred_astronaut_2.png, ...), so the first example can be run again.
+
+    With -o NAME.zarr the one input (a zarr array, a TIFF stack or a folder of images of one size) is
+    deblurred chunk by chunk into a new zarr array, on a dask cluster with --scheduler: see
+    :mod:`algnet_core.distributed`. Run the same command again to finish an interrupted run.
     """
+    if Path(args.output).suffix.lower() == ZARR_SUFFIX:
+        return _deblur_to_zarr(args)
+    zarr_inputs = [item for item in args.inputs if is_zarr(item)]
+    if zarr_inputs:
+        raise ValueError(f"{zarr_inputs[0]} is a zarr array: deblur it into a new one, -o NAME{ZARR_SUFFIX}")
     inputs = collect_inputs([*args.inputs, *([str(SAMPLE_IMAGE)] if args.sample else [])])
     out_dir = Path(args.output)
     sample_only = args.sample and not args.inputs and not args.overwrite
@@ -198,6 +217,45 @@ def cmd_deblur(args: argparse.Namespace) -> int:
         print(f"{out_dir / SAMPLE_IMAGE.name} exists (kept); wrote {targets[0]}", file=sys.stderr)
     print(f"wrote {len(targets) - len(failures)} file(s) to {out_dir}", file=sys.stderr)
     return _report(failures, len(inputs), "file(s)")
+
+
+def _deblur_to_zarr(args: argparse.Namespace) -> int:
+    """``algnet deblur SOURCE -o NAME.zarr [--scheduler ...]``: progress bar over the chunks the cluster finishes."""
+    from distributed import KilledWorker
+
+    from .distributed import connect, deblur_to_zarr  # dask.distributed: only for zarr outputs
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    with connect(args.scheduler) as client, tqdm(unit="chunk", desc="chunks") as bar:
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        tqdm.write(f"dask scheduler {client.scheduler.address}: {workers} worker(s)", file=sys.stderr)
+        try:
+            summary = deblur_to_zarr(
+                args.inputs[0],
+                args.output,
+                args.model,
+                client=client,
+                tile=args.tile,
+                overlap=args.overlap,
+                device=args.device,
+                precision=args.precision,
+                normalize=args.normalize,
+                percentiles=args.percentiles or DEFAULT_PERCENTILES,
+                ensemble=args.ensemble,
+                progress=progress,
+            )
+        except KilledWorker as err:
+            raise RuntimeError(
+                f"a chunk took down several workers ({err}); out of memory? Try a smaller --tile, then run the "
+                "same command again: finished chunks are kept"
+            ) from err
+    before = f", {summary['skipped']} done by an earlier run" if summary["skipped"] else ""
+    print(f"wrote {args.output}: {summary['computed']} chunk(s) deblurred{before}", file=sys.stderr)
+    return 0
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -374,8 +432,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also deblur the bundled sample image (alone: written under a fresh name if the output exists)",
     )
-    p.add_argument("-o", "--output", required=True, help="output folder (created; files keep their names)")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help=f"output folder (created; files keep their names), or a new NAME{ZARR_SUFFIX} array for one zarr "
+        "array, TIFF stack or folder of equal-size images (written chunk by chunk; rerun to resume)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help=f"with -o NAME{ZARR_SUFFIX}: run on a dask cluster: a scheduler address (tcp://HOST:8786), a scheduler "
+        "file (.json) or local:N for N local worker processes (default: this process)",
+    )
     _model_options(p)
     p.set_defaults(run=cmd_deblur)
 

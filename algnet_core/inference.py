@@ -21,7 +21,14 @@ the input's dtype and value range.
 
 The mapping is computed in float64 (so 1e6 + [0, 1] keeps its detail), the network computes in float32 (or
 under float16/bfloat16 autocast). For a dask array the statistics are computed once, eagerly, over the whole
-array, so every chunk shares one mapping (dask's percentiles are approximate).
+array, so every chunk shares one mapping (dask's percentiles are approximate); so are a stack's (``pages``).
+
+Stacks (``pages=N``): the first N axes index pages (planes of a volume, time points), each deblurred as an
+image of its own, all with one mapping computed over the whole stack. A dask stack is computed chunk by
+chunk with ``map_overlap`` (margins on the two image axes only), on whatever scheduler dask uses: under a
+``dask.distributed`` client its workers. A model given by name, folder or Hub id then travels in the task
+graph as that name and is loaded once per worker process (and cached), on the worker's own device
+(``device="auto"``); an ALGNet instance is pickled into the graph (see :mod:`algnet_core.distributed`).
 
 Channels (last axis): HxW and HxWx1 run through the RGB network as grey RGB and come back as the channel
 mean; HxWx3 is RGB; HxWx4 is RGB plus an alpha channel returned untouched; any other channel count is
@@ -35,9 +42,9 @@ called after every ALGBlock of every tile (and ``cancel()`` checked there), so b
 of a tile.
 
 Rejected with ``ValueError``: empty images, images smaller than 16x16 (one network tile), NaN or Inf
-values, more than three dimensions, a tile or overlap out of range. Unsupported dtypes (bool, signed
-integers) and inputs that are not arrays raise ``TypeError``; a network output with NaN or Inf values
-(broken weights, or float16 overflow) raises ``RuntimeError``.
+values, more than three dimensions besides the ``pages`` axes, a tile or overlap out of range. Unsupported
+dtypes (bool, signed integers) and inputs that are not arrays raise ``TypeError``; a network output with NaN
+or Inf values (broken weights, or float16 overflow) raises ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -408,6 +415,26 @@ def da_percentile(flat: Any, percentiles: tuple[float, float]) -> Any:
     return dask.array.percentile(flat, list(percentiles))
 
 
+Mapping = tuple[float, float, float, float]
+"""(low, high, clip low, clip high): low and high map to 0 and 1; the result is clipped to the clip range (the
+input's own [min, max] for ``normalize="percentile"``, else low..high)."""
+
+
+def value_mapping(
+    colour: Any, dtype: np.dtype, normalize: str = "auto", percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+) -> Mapping:
+    """The one :data:`Mapping` of ``colour`` (numpy or dask: all its values, every page of a stack)."""
+    lo, hi = _value_range(colour, dtype, normalize, percentiles)
+    if normalize != "percentile":
+        return lo, hi, lo, hi
+    extent = [colour.min(), colour.max()]
+    if type(colour).__module__.startswith("dask"):
+        import dask
+
+        extent = dask.compute(*extent)
+    return lo, hi, float(extent[0]), float(extent[1])
+
+
 def _numpy_dtype(image: np.ndarray | Tensor) -> np.dtype:
     if isinstance(image, Tensor):
         if image.dtype == torch.uint16:
@@ -432,7 +459,7 @@ def _deblur_array(
     normalize: str = "auto",
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     ensemble: bool = False,
-    value_range: tuple[float, float] | None = None,
+    mapping: Mapping | None = None,
 ) -> np.ndarray | Tensor:
     dtype = _numpy_dtype(image)
     _check_dtype(dtype)
@@ -448,7 +475,7 @@ def _deblur_array(
         raise ValueError(f"the image has {bad} NaN or Inf values; replace them first (e.g. np.nan_to_num)")
     channels = planes.shape[-1]
     color = (planes[..., :3] if channels in (3, 4) else planes).to("cpu")
-    lo, hi = value_range or _value_range(color.numpy(), dtype, normalize, percentiles)
+    lo, hi, clip_lo, clip_hi = mapping or value_mapping(color.numpy(), dtype, normalize, percentiles)
     scale = (hi - lo) or 1.0
     norm = ((color.double() - lo) / scale).float().permute(2, 0, 1)  # (c, h, w), mapped in float64
     batch = norm[None] if channels in (3, 4) else norm[:, None].expand(-1, 3, -1, -1)
@@ -456,9 +483,7 @@ def _deblur_array(
     restored = restored.clamp_(0, 1) if normalize != "percentile" else restored
     result = restored[0] if channels in (3, 4) else restored.mean(dim=1)  # (c, h, w)
     result = result.permute(1, 2, 0).double() * scale + lo
-    if normalize == "percentile":  # values beyond the percentiles: clip to the input's own range
-        lo, hi = float(color.numpy().min()), float(color.numpy().max())
-    result = result.clamp_(lo, hi)
+    result = result.clamp_(clip_lo, clip_hi)  # "percentile": values beyond them are clipped to the input's range
     if dtype.kind != "f":
         result = result.round()
     result = result.to(torch.uint16 if dtype == np.uint16 else original.dtype)
@@ -468,42 +493,97 @@ def _deblur_array(
     return result.to(image.device) if isinstance(image, Tensor) else result.numpy()
 
 
-def _deblur_dask(
+def stack_mapping(
+    image: Any, pages: int = 0, normalize: str = "auto", percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+) -> Mapping:
+    """The one :data:`Mapping` of an image or stack (numpy, torch or dask; ``pages`` as in :func:`deblur`),
+    over all its pages: the grey or many-channel values, or the RGB of RGB(A)."""
+    dtype = _numpy_dtype(image) if isinstance(image, np.ndarray | Tensor) else np.dtype(image.dtype)
+    _check_dtype(dtype.newbyteorder("="))
+    rgb = image.ndim - pages == 3 and image.shape[-1] in (3, 4)
+    colour = image[..., :3] if rgb else image
+    if isinstance(colour, Tensor):
+        colour = colour.detach().cpu().numpy()
+    return value_mapping(colour, dtype.newbyteorder("="), normalize, percentiles)
+
+
+def _check_pages(image: Any, pages: int) -> None:
+    if isinstance(pages, bool) or not isinstance(pages, int) or not 0 <= pages <= max(image.ndim - 2, 0):
+        raise ValueError(f"pages must be a whole number from 0 to {max(image.ndim - 2, 0)}, got {pages!r}")
+    if image.ndim - pages not in (2, 3):
+        what = f"{pages} page axes and " if pages else ""
+        raise ValueError(f"expected {what}an HxW or HxWxC image, got shape {tuple(image.shape)}")
+
+
+def _deblur_pages(
+    image: np.ndarray | Tensor, net: ALGNet, pages: int, progress: ProgressFn | None, **options: Any
+) -> np.ndarray | Tensor:
+    """Deblur every page of an in-memory stack with one mapping computed over all of them."""
+    mapping = stack_mapping(image, pages, options["normalize"], options["percentiles"])
+    flat = image.reshape(-1, *image.shape[pages:])
+    count = len(flat)
+
+    def each(index: int) -> ProgressFn | None:
+        if progress is None:
+            return None
+        return lambda done, total: progress(index * total + done, count * total)
+
+    out = [_deblur_array(page, net, progress=each(i), mapping=mapping, **options) for i, page in enumerate(flat)]
+    stacked = torch.stack(out) if isinstance(image, Tensor) else np.stack(out)
+    return stacked.reshape(image.shape)
+
+
+_load_lock = threading.Lock()
+
+
+def _deblur_block(
+    block: np.ndarray, model: str | ALGNet, device: str, pages: int, mapping: Mapping, **options: Any
+) -> np.ndarray:
+    """One chunk of a dask image or stack, wherever dask runs it: a model name is loaded once per process (the
+    lock: a worker's threads start chunks at once, and would each load it)."""
+    with _load_lock:
+        net = model if isinstance(model, ALGNet) else _resolve_model(model, device)
+    if pages == 0:
+        return _deblur_array(block, net, progress=None, mapping=mapping, **options)
+    out = np.empty(block.shape, np.dtype(block.dtype).newbyteorder("="))
+    for index in np.ndindex(block.shape[:pages]):
+        out[index] = _deblur_array(block[index], net, progress=None, mapping=mapping, **options)
+    return out
+
+
+def deblur_dask(
     image: Any,
-    net: ALGNet,
-    tile: int | str | None,
-    overlap: int,
-    precision: str,
-    cancel: Any,
-    normalize: str,
-    percentiles: tuple[float, float],
-    ensemble: bool,
+    model: str | os.PathLike | ALGNet,
+    device: str | torch.device,
+    pages: int,
+    mapping: Mapping | None = None,
+    **options: Any,
 ) -> Any:
+    """The lazy deblurring of a dask image or stack (``options``: :func:`_deblur_array`'s tiling, precision,
+    cancel, normalize, percentiles and ensemble); ``mapping`` (:func:`value_mapping`) is computed over the
+    whole array when not given. A model that is not an instance goes into the graph by name."""
     dtype = np.dtype(image.dtype).newbyteorder("=")
     _check_dtype(dtype)
-    if image.ndim not in (2, 3):
-        raise ValueError(f"expected an HxW or HxWxC image, got shape {tuple(image.shape)}")
-    if image.ndim == 3:
-        image = image.rechunk({2: -1})
-    colour = image[..., :3] if image.ndim == 3 and image.shape[2] in (3, 4) else image
-    value_range = _value_range(colour, dtype, normalize, percentiles)
-    depth = {0: overlap, 1: overlap, 2: 0} if image.ndim == 3 else {0: overlap, 1: overlap}
+    _check_pages(image, pages)
+    channels = image.ndim - pages == 3
+    if channels:
+        image = image.rechunk({image.ndim - 1: -1})
+    if mapping is None:
+        mapping = stack_mapping(image, pages, options["normalize"], options["percentiles"])
+    overlap = options["overlap"]
+    depth = {axis: overlap if axis in (pages, pages + 1) else 0 for axis in range(image.ndim)}
+    spec = model if isinstance(model, ALGNet) else os.fspath(model)
     return image.map_overlap(
-        _deblur_array,
+        _deblur_block,
         depth=depth,
         boundary="none",
         dtype=dtype,
         meta=np.empty((0,) * image.ndim, dtype),
-        net=net,
-        tile=tile,
-        overlap=overlap,
-        precision=precision,
-        progress=None,
-        cancel=cancel,
-        normalize=normalize,
-        percentiles=percentiles,
-        ensemble=ensemble,
-        value_range=value_range,
+        model=spec,
+        device=str(device),
+        pages=pages,
+        mapping=tuple(float(v) for v in mapping),
+        **options,
     )
 
 
@@ -519,12 +599,15 @@ def deblur(
     normalize: str = "auto",
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     ensemble: bool = False,
+    pages: int = 0,
 ) -> Any:
     """Deblur ``image`` and return the result with the same shape, dtype and value range.
 
     ``image``: numpy array or torch tensor, HxW or HxWxC, uint8/uint16/float (see the module docs for the
     normalisation and channel rules), or a dask array (returns a lazy dask array, computed chunk by chunk
-    with ``map_overlap``; ``progress`` is not called for dask, ``cancel`` is checked in every chunk).
+    with ``map_overlap`` on dask's scheduler, a ``dask.distributed`` client's workers when one is active;
+    ``progress`` is not called for dask, ``cancel`` is checked in every chunk). ``pages``: how many leading
+    axes index pages of a stack (e.g. 1 for ZxHxW or TxHxWx3), deblurred one by one with one mapping.
     ``model``: a registered name, a ``save_pretrained`` folder, a Hub repo id or an ALGNet instance (never
     changed: used as is, or copied to ``device`` when it is elsewhere). Models loaded by name are cached;
     a local folder is loaded again when its files change (see :func:`weights_stamp`). ``tile``: pixels per
@@ -539,7 +622,16 @@ def deblur(
         raise TypeError(f"expected a numpy array, torch tensor or dask array, got {type(image).__name__}: "
                         "convert it first, e.g. np.asarray(image)")  # fmt: skip
     _check_tiling(tile, overlap)
-    net = _resolve_model(model, device)
+    _check_pages(image, pages)
+    options = dict(tile=tile, overlap=overlap, precision=precision, cancel=cancel, normalize=normalize,
+                   percentiles=percentiles, ensemble=ensemble)  # fmt: skip
     if lazy:
-        return _deblur_dask(image, net, tile, overlap, precision, cancel, normalize, percentiles, ensemble)
-    return _deblur_array(image, net, tile, overlap, precision, progress, cancel, normalize, percentiles, ensemble)
+        if isinstance(model, ALGNet):
+            model = _resolve_model(model, device)
+        else:  # checked here (loaded on the CPU, cached); loaded again where the chunks run, on their device
+            _resolve_model(model, "cpu")
+        return deblur_dask(image, model, device, pages, **options)
+    net = _resolve_model(model, device)
+    if pages:
+        return _deblur_pages(image, net, pages, progress, **options)
+    return _deblur_array(image, net, progress=progress, **options)
