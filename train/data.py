@@ -12,6 +12,9 @@ Folder layouts (``root`` is the dataset's top folder):
 * RealBlur-J/-R: ``root/RealBlur_{J,R}_{train,test}_list.txt`` lines ``GT_PATH BLUR_PATH`` relative to root
 * DPDD: ``root/{train,val,test}_c/source`` (centre view) and ``root/{train,val,test}_c/target``
 * any paired folder: ``blur_dir`` and ``sharp_dir`` holding images with the same file names
+
+In place of a file, a dataset also takes an image already in memory, as :func:`read_image` would return it
+(a float (h, w, 3) array in 0..1, e.g. a broadcast view of a grey plane): :func:`load` reads either.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ def read_image(path: str | Path) -> np.ndarray:
     if rgb.dtype.kind == "f":
         return rgb.astype(np.float32)
     raise TypeError(f"{path}: {rgb.dtype} images are not supported; use 8- or 16-bit or float files")
+
+
+def load(source: str | Path | np.ndarray) -> np.ndarray:
+    """A training image: a file read by :func:`read_image`, or an array already in that form, as it is."""
+    return source if isinstance(source, np.ndarray) else read_image(source)
 
 
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
@@ -177,14 +185,15 @@ def _rng(seed: int, key: Key) -> tuple[np.random.Generator, int]:
 
 
 class PairedDataset(Dataset):
-    """Aligned (blurry, sharp) image pairs; random crops and flips when ``crop`` is set and ``train``.
+    """Aligned (blurry, sharp) image pairs (files or arrays, see :func:`load`); random crops and flips when
+    ``crop`` is set and ``train``.
 
     With ``train=False`` the pair is returned whole, or centre-cropped to ``crop``.
     """
 
     def __init__(
         self,
-        pairs: Sequence[tuple[Path, Path]],
+        pairs: Sequence[tuple[Path | np.ndarray, Path | np.ndarray]],
         crop: int | None = 256,
         flips: Flips | None = None,
         train: bool = True,
@@ -201,7 +210,7 @@ class PairedDataset(Dataset):
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
         rng, index = _rng(self.seed, key)
         blur_path, sharp_path = self.pairs[index]
-        blur, sharp = read_image(blur_path), read_image(sharp_path)
+        blur, sharp = load(blur_path), load(sharp_path)
         if blur.shape != sharp.shape:
             raise ValueError(f"{blur_path} {blur.shape} and {sharp_path} {sharp.shape} differ in size")
         if not self.train:
@@ -219,7 +228,9 @@ class BlurRecipe:
     """How :class:`SyntheticBlur` degrades a sharp patch (all ranges are sampled uniformly).
 
     ``kind``: "motion" (camera-shake trajectories), "defocus" (disk, or Gaussian with probability
-    ``gaussian_prob``), or "mixed" (each with probability 1/2). ``kernel_size`` is the (odd) kernel side.
+    ``gaussian_prob``), "mixed" (each with probability 1/2), or "psf": always the point-spread function
+    ``psf`` (a file or an array, checked, normalised and centred by :func:`kernels.load_psf` /
+    :func:`kernels.psf_kernel`; ``kernel_size`` becomes its side). ``kernel_size`` is the (odd) kernel side.
     So that sharp inputs come back unchanged ("do no harm"), a share ``sharp_prob`` of samples is not
     blurred at all (identity kernel) and a share ``mild_prob`` is barely blurred (``MILD_MOTION_LENGTH`` px
     of shake, or a defocus of ``MILD_DEFOCUS_RADIUS`` px); both get the same noise and JPEG as the rest.
@@ -240,15 +251,27 @@ class BlurRecipe:
     quantise: bool = True
     sharp_prob: float = 0.0
     mild_prob: float = 0.0
+    psf: str | np.ndarray | None = field(default=None, compare=False)
+    psf_kernel: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("motion", "defocus", "mixed"):
+        if self.kind not in ("motion", "defocus", "mixed", "psf"):
             raise ValueError(f"unknown blur kind {self.kind!r}")
+        if (self.kind == "psf") != (self.psf is not None):
+            raise ValueError("a PSF is given with kind 'psf', and only then")
+        if self.kind == "psf":
+            if isinstance(self.psf, np.ndarray):
+                self.psf_kernel = kernels.psf_kernel(self.psf)
+            else:
+                self.psf_kernel = kernels.load_psf(self.psf)
+            self.kernel_size = self.psf_kernel.shape[0]
+            if self.mild_prob:
+                raise ValueError("mild_prob does not apply to a PSF (only sharp_prob does)")
         if self.kernel_size % 2 != 1:
             raise ValueError("kernel_size must be odd")
-        if self.kind != "motion" and math.ceil(self.defocus_radius[1]) > self.kernel_size // 2:
+        if self.kind in ("defocus", "mixed") and math.ceil(self.defocus_radius[1]) > self.kernel_size // 2:
             raise ValueError("defocus radius does not fit kernel_size")
-        if self.kind != "defocus" and self.motion_length[1] > self.kernel_size - 2:
+        if self.kind in ("motion", "mixed") and self.motion_length[1] > self.kernel_size - 2:
             raise ValueError("motion length does not fit kernel_size")
         if min(self.sharp_prob, self.mild_prob) < 0 or self.sharp_prob + self.mild_prob > 1:
             raise ValueError("sharp_prob and mild_prob must be >= 0 and sum to at most 1")
@@ -258,6 +281,8 @@ class BlurRecipe:
         share = rng.uniform()
         if share < self.sharp_prob:
             return kernels.pad_to(np.ones((1, 1)), self.kernel_size)
+        if self.kind == "psf":
+            return self.psf_kernel
         mild = share < self.sharp_prob + self.mild_prob
         kind = self.kind
         if kind == "mixed":
@@ -293,7 +318,8 @@ def blur_valid(patch: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 class SyntheticBlur(Dataset):
     """Blurs sharp photos on the fly: ``(recipe(crop of photo), crop of photo)``.
 
-    ``folders`` are searched recursively for images. In training a ``crop``-sized window is chosen
+    ``folders`` are searched recursively for images; ``images`` (arrays, see :func:`load`) come after their
+    files. A kernel larger than the crop is refused. In training a ``crop``-sized window is chosen
     uniformly (images smaller than the window are reflect-padded), a kernel is drawn, the window plus a
     kernel-sized margin is blurred with a 'valid' convolution (so no border is invented), flips are applied
     to both images, then noise and JPEG. With ``train=False`` the centre crop is used and the
@@ -306,11 +332,20 @@ class SyntheticBlur(Dataset):
     flips: Flips = field(default_factory=Flips)
     train: bool = True
     seed: int = 0
+    images: Sequence[np.ndarray] = ()
 
     def __post_init__(self) -> None:
-        self.paths = [p for folder in self.folders for p in list_images(folder, recursive=True)]
+        files: list[Path | np.ndarray] = [p for folder in self.folders for p in list_images(folder, recursive=True)]
+        self.paths = files + list(self.images)
         if not self.paths:
             raise ValueError(f"no images in {list(self.folders)}")
+        k = self.recipe.kernel_size
+        if self.crop is not None and k > self.crop:
+            what = "PSF" if self.recipe.kind == "psf" else "blur kernel"
+            raise ValueError(
+                f"the {k}x{k} {what} is larger than the {self.crop}x{self.crop} training crop: "
+                f"use a crop of at least {k} px, or a smaller {what}"
+            )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -332,7 +367,7 @@ class SyntheticBlur(Dataset):
 
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
         rng, index = _rng(self.seed, key if self.train else index_of(key))
-        patch = self.window(read_image(self.paths[index]), rng)
+        patch = self.window(load(self.paths[index]), rng)
         kernel = self.recipe.kernel(rng)
         m = kernel.shape[0] // 2
         sharp = patch[m : patch.shape[0] - m, m : patch.shape[1] - m]

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from algnet_core import ALGNet, metrics
@@ -146,11 +147,25 @@ def freeze_unused(model: nn.Module, channels: int) -> list[str]:
 
 
 class Trainer:
-    """Builds everything from a :class:`Config` and runs :meth:`fit`."""
+    """Builds everything from a :class:`Config` and runs :meth:`fit`.
 
-    def __init__(self, cfg: Config) -> None:
+    ``train_set``/``val_set`` replace the datasets of ``cfg.data`` (which then only describes them, e.g. images
+    held in memory); ``device`` replaces the automatic choice (one process only).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        train_set: Dataset | None = None,
+        val_set: Dataset | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
+        if device is not None:
+            if self.world > 1:
+                raise ValueError("a device is chosen per process under torchrun; do not pass one")
+            self.device = device
         self.out_dir = Path(cfg.log.out_dir)
         torch.manual_seed(cfg.run.seed)
         model_kwargs = cfg.model_kwargs()
@@ -169,16 +184,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast is torch.float16)
         self.criterion = MultiScaleLoss(cfg.loss.eps, cfg.loss.edge_weight, cfg.loss.freq_weight)
         self.step, self.best_psnr = 0, -math.inf
-        self.stop_requested = False  # set by a signal handler: fit() checkpoints and returns
+        self.last_val: dict[str, float] = {}  # the latest validation metrics and their step
+        self.stop_requested = False  # set by a signal handler or another thread: fit() checkpoints and returns
 
         flips = Flips(**cfg.data.flips)
-        self.train_set = build_dataset(cfg.data.train, cfg.data.crop, flips, train=True, seed=cfg.run.seed)
-        recipe = cfg.data.train.get("recipe")
-        self.val_set = (
-            build_dataset(cfg.data.val, None, flips, train=False, seed=cfg.run.seed + 1, recipe=recipe)
-            if cfg.data.val
-            else None
-        )
+        if train_set is None:
+            train_set = build_dataset(cfg.data.train, cfg.data.crop, flips, train=True, seed=cfg.run.seed)
+        if val_set is None and cfg.data.val:
+            recipe = cfg.data.train.get("recipe")
+            val_set = build_dataset(cfg.data.val, None, flips, train=False, seed=cfg.run.seed + 1, recipe=recipe)
+        self.train_set, self.val_set = train_set, val_set
         self.sampler = EpochSampler(len(self.train_set), cfg.run.batch, cfg.run.seed, self.rank, self.world)
 
     def lr_factor(self, step: int) -> float:
@@ -289,14 +304,25 @@ class Trainer:
             worker_init_fn=_worker_init if workers else None,
         )
 
-    def fit(self, until: int | None = None, minutes: float | None = None) -> dict[str, Any]:
+    def fit(
+        self,
+        until: int | None = None,
+        minutes: float | None = None,
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> dict[str, Any]:
         """Train to ``run.steps`` (or stop early at step ``until`` / after ``minutes`` / when
         ``stop_requested`` is set, checkpointing).
 
-        Returns the best validation metrics so far (empty without validation).
+        ``on_step(trainer)`` is called after every step, once its logging and validation are done (one process
+        only); it may change ``cfg.run.steps`` (and ``cfg.log.val_every``), e.g. to fit a time budget: the end of
+        the run and the cosine schedule follow; setting ``stop_requested`` stops after this step. Returns the best
+        validation metrics so far (empty without validation).
         """
         cfg, main = self.cfg, self.rank == 0
-        stop_at = min(cfg.run.steps, until or cfg.run.steps)
+
+        def stop_at() -> int:
+            return min(cfg.run.steps, until or cfg.run.steps)
+
         deadline = time.monotonic() + 60 * minutes if minutes else None
         logger = _Logs(self.out_dir, cfg.log.tensorboard) if main else None
         if main:
@@ -310,15 +336,17 @@ class Trainer:
         best = _read_best(self.out_dir) if main else {}
         window: dict[str, float] = {}
         tick, seen, count = time.perf_counter(), 0, 0
-        while self.step < stop_at:
+        stopped = False
+        while self.step < stop_at() and not stopped:
             epoch, offset = divmod(self.step, self.sampler.steps_per_epoch)
             for blur, sharp in self.loader(epoch, offset * self.sampler.per_rank):
                 terms = self.train_step(blur, sharp)
                 for k, v in terms.items():
                     window[k] = window.get(k, 0.0) + v
                 seen, count = seen + blur.shape[0] * self.world, count + 1
+                bar.total = cfg.run.steps
                 bar.update(1)
-                stop = self.step >= stop_at or self._should_stop(deadline)
+                stop = self.step >= stop_at() or self._should_stop(deadline)
                 if self.step % cfg.log.every == 0 or stop:
                     means = self._reduce({k: v / count for k, v in window.items()})
                     rate = seen / (time.perf_counter() - tick)
@@ -330,12 +358,15 @@ class Trainer:
                 finished = self.step == cfg.run.steps
                 if self.val_set is not None and (self.step % cfg.log.val_every == 0 or finished):
                     best = self._validate_and_keep(logger, best)
+                if on_step is not None:
+                    on_step(self)
+                    stop = stop or self.stop_requested
                 if self.step % cfg.log.ckpt_every == 0 or stop:
                     self._barrier()
                     if main:
                         self.save(self.out_dir / "last.pt", self.state_dict())
                 if stop:
-                    stop_at = self.step
+                    stopped = True
                     break
         bar.close()
         if main:
@@ -359,11 +390,19 @@ class Trainer:
             metrics = self.validate()
             logger.val(self.step, metrics)
             log.info("step %d validation: %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
-            if metrics["psnr"] > self.best_psnr:
-                self.best_psnr = metrics["psnr"]
-                best = metrics | {"step": self.step}
-                self.save(self.out_dir / "best.pt", self._best_state(best))
+            best = self.keep_if_best(metrics) or best
         self._barrier()
+        return best
+
+    def keep_if_best(self, metrics: dict[str, float]) -> dict[str, Any] | None:
+        """Record ``metrics`` (a :meth:`validate` result for the current weights) as the latest; when its PSNR
+        beats the best so far, write ``best.pt`` with these weights and return the metrics with the step."""
+        self.last_val = metrics | {"step": self.step}
+        if metrics["psnr"] <= self.best_psnr:
+            return None
+        self.best_psnr = metrics["psnr"]
+        best = self.last_val
+        self.save(self.out_dir / "best.pt", self._best_state(best))
         return best
 
     def _best_state(self, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-fraction", type=_positive(float), default=None, help="share of the images held back (default 0.2)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the crops and the blur")
-    parser.add_argument("--threads", type=_positive(int), default=None, help="CPU threads for torch")
+    parser.add_argument("--threads", type=_positive(int), default=None, help="CPU threads (torch and the scan)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,10 +108,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         from . import finetune
     except ModuleNotFoundError as err:
-        if err.name not in EXTRA_MODULES:
+        top = (err.name or "").partition(".")[0]
+        if top not in EXTRA_MODULES:
             raise
         raise RuntimeError(
-            f"fine-tuning needs {EXTRA_MODULES[err.name]} (module {err.name!r} is missing): pip install 'algnet[train]'"
+            f"fine-tuning needs {EXTRA_MODULES[top]} (module {err.name!r} is missing): pip install 'algnet[train]'"
         ) from err
     if args.sharp and args.sharp_dir:
         raise ValueError("give the sharp images once: SHARP_DIR or --sharp-dir")
@@ -144,9 +145,11 @@ def run(args: argparse.Namespace) -> int:
         **{k: v for k, v in options.items() if v is not None},
     )
     if args.threads:
+        import numba
         import torch
 
         torch.set_num_threads(args.threads)
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))  # the CPU selective scan
 
     def stop(signum: int, _frame: object) -> None:
         print(f"algnet finetune: {signal.Signals(signum).name}: stopping after this step", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Blur kernels for synthetic training data and benchmarks: camera shake, disk and Gaussian defocus.
+"""Blur kernels for synthetic training data and benchmarks: camera shake, disk and Gaussian defocus, measured PSFs.
 
 Every kernel is a non-negative float64 array that sums to 1, square with an odd side, and centred: its
 centre of mass lies within half a pixel of the central pixel, so the blurred image stays aligned with
@@ -9,8 +9,11 @@ the sharp one (the network is trained to restore, not to shift). Random kernels 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+
+from algnet_core import imageio
 
 SUPERSAMPLE = 8
 """Sub-pixels per pixel side used to anti-alias disk edges."""
@@ -146,3 +149,53 @@ def random_defocus_kernel(
     if rng.uniform() < gaussian_prob:
         return gaussian_kernel(max(r / 2, 0.3), size=size)
     return disk_kernel(r, size=size)
+
+
+def psf_kernel(psf: np.ndarray, source: str = "the PSF") -> np.ndarray:
+    """A point-spread function as a training kernel: normalised (sum 1) and centred (:func:`centre`).
+
+    ``psf`` must be one 2-D plane (axes of length 1 are dropped), finite, non-negative and not all zero;
+    otherwise ``ValueError`` (``TypeError`` for non-numeric data), naming ``source`` (e.g. the file).
+    """
+    arr = np.asarray(psf)
+    if arr.dtype.kind not in "uif":
+        raise TypeError(f"{source}: a PSF must hold numbers, not {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError(f"{source} is empty (shape {arr.shape})")
+    singleton = [axis for axis, n in enumerate(arr.shape) if n == 1][: max(0, arr.ndim - 2)]
+    plane = arr.squeeze(axis=tuple(singleton)).astype(np.float64)
+    if plane.ndim != 2:
+        raise ValueError(
+            f"{source} has shape {arr.shape}: training on 2-D images needs a 2-D PSF (one plane); "
+            "for a 3-D PSF give its in-focus plane, e.g. psf[z]"
+        )
+    bad = int((~np.isfinite(plane)).sum())
+    if bad:
+        raise ValueError(f"{source} has {bad} NaN or Inf values")
+    if plane.min() < 0:
+        raise ValueError(
+            f"{source} has negative values (min {plane.min():.3g}): subtract the background and clip at 0 "
+            "first, e.g. np.clip(psf - background, 0, None)"
+        )
+    if plane.max() == 0:
+        raise ValueError(f"{source} is all zeros")
+    return centre(plane)
+
+
+def load_psf(path: str | Path) -> np.ndarray:
+    """Read a PSF file, ``.npy`` or an image :func:`algnet_core.imageio.read_image` reads (``.tif``, ``.png``,
+    ...), and make it a kernel with :func:`psf_kernel`. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no PSF file {path}")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{path} cannot be read as a .npy array: {err}") from err
+    else:
+        stack = imageio.read_image(path)
+        if stack.rgb:
+            raise ValueError(f"{path} is a colour image: a PSF is one grey plane")
+        arr = stack.pages
+    return psf_kernel(arr, str(path))
