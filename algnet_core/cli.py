@@ -221,9 +221,14 @@ def cmd_deblur(args: argparse.Namespace) -> int:
 
 def _deblur_to_zarr(args: argparse.Namespace) -> int:
     """``algnet deblur SOURCE -o NAME.zarr [--scheduler ...]``: progress bar over the chunks the cluster finishes."""
-    from distributed import KilledWorker
-
-    from .distributed import connect, deblur_to_zarr  # dask.distributed: only for zarr outputs
+    try:
+        import zarr  # noqa: F401 (used by algnet_core.distributed)
+        from distributed import KilledWorker
+    except ImportError as err:
+        raise RuntimeError(
+            f"-o NAME{ZARR_SUFFIX} needs dask.distributed and zarr: pip install 'algnet[distributed]'"
+        ) from err
+    from .distributed import connect, deblur_to_zarr
 
     def progress(done: int, total: int) -> None:
         bar.total = total

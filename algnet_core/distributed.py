@@ -9,7 +9,8 @@ SLURM/PBS, dask-kubernetes, dask-cuda): :func:`connect` makes or joins one, :fun
   shorter than 16 pixels, the smallest image side (:func:`page_axes`). Each page is deblurred as
   :func:`~algnet_core.inference.deblur` does, with one mapping (normalisation) computed over the whole source.
 * Chunks: the source's, with the two image axes grown to at least :data:`MIN_CHUNK_SIDE` pixels (or the whole
-  side) so that the tile margins stay small; the output zarr array has these chunks.
+  side) so that the tile margins stay small, and cut to at most :data:`MAX_CHUNK_SIDE`; the output zarr array
+  has these chunks.
 * Each worker loads the model once, by name (a registered name, a folder on a file system the workers share,
   or a Hub repo id), on its own device with ``device="auto"``; the model never travels in the task graph.
 * The output is built beside the target as ``TARGET.part``, a zarr array whose ``algnet`` attributes hold the
@@ -49,6 +50,8 @@ from .model import MULTIPLE, ALGNet
 MIN_CHUNK_SIDE = 512
 """Chunks are at least this many pixels along each image axis (or the whole side): a 32 px tile margin then
 adds at most a quarter to the work."""
+MAX_CHUNK_SIDE = 4096
+"""And at most this many, so that one chunk's working copies (~60 bytes a pixel) stay near 1 GiB."""
 PART_SUFFIX = ".part"
 DONE_FOLDER = "algnet-done"
 ATTRIBUTE = "algnet"
@@ -152,12 +155,14 @@ def open_source(path: str | os.PathLike) -> Any:
 
 
 def _work_chunks(array: Any, pages: int) -> Any:
-    """``array`` rechunked: image axes of at least :data:`MIN_CHUNK_SIDE` pixels, channels whole."""
+    """``array`` rechunked: image axes of :data:`MIN_CHUNK_SIDE` to :data:`MAX_CHUNK_SIDE` pixels (or the whole
+    side), grown by whole source chunks; channels whole."""
     chunks = list(array.chunksize)
     for axis in (pages, pages + 1):
         side, size = array.shape[axis], chunks[axis]
         if size < MIN_CHUNK_SIDE:
-            chunks[axis] = min(side, -(-MIN_CHUNK_SIDE // size) * size)  # a multiple of the source's chunks
+            size = min(side, -(-MIN_CHUNK_SIDE // size) * size)
+        chunks[axis] = min(size, MAX_CHUNK_SIDE)
     if array.ndim - pages == 3:
         chunks[-1] = array.shape[-1]
     return array.rechunk(tuple(chunks))
@@ -223,7 +228,10 @@ def deblur_to_zarr(
     import zarr
     from distributed import Client, as_completed
 
-    client = client or Client.current()
+    try:
+        client = client or Client.current()
+    except ValueError as err:
+        raise ValueError("no dask.distributed Client is running: start one, or pass client=") from err
     source, target = Path(source), Path(target)
     _check_target(source, target)
     partial = target.with_name(target.name + PART_SUFFIX)

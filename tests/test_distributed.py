@@ -231,6 +231,15 @@ def test_tiff_stacks_and_image_folders_are_read_lazily_page_by_page(tmp_path) ->
         open_source(folder).compute(scheduler="synchronous")
 
 
+def test_work_chunks_grow_to_keep_margins_small_and_stay_bounded() -> None:
+    from algnet_core.distributed import _work_chunks
+
+    small = da.zeros((4, 1000, 300, 3), np.uint8, chunks=(2, 100, 64, 1))  # RGB pages, tiny chunks
+    assert _work_chunks(small, 1).chunksize == (2, 600, 300, 3)  # whole source chunks to >= 512, or the side
+    huge = da.zeros((2, 10000, 300), np.uint16, chunks=(1, 10000, 300))  # one chunk a 10000 px page
+    assert _work_chunks(huge, 1).chunksize == (1, 4096, 300)
+
+
 def test_command_line_folder_to_zarr_in_this_process_and_usage_errors(data, tmp_path, capsys) -> None:
     folder = tmp_path / "frames"
     folder.mkdir()
