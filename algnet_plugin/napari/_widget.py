@@ -3,8 +3,9 @@
 Run turns into Cancel while the worker runs; progress goes to a napari progress bar over planes, tiles
 and ALGBlocks; failures (the worker's ``errored`` signal) become a napari notification and the status
 line, with the reason; nothing is added to the viewer unless a run completes. The image field follows the
-active image layer. Notes such as the offline fallback to bundled weights go to the status line on every
-run and to a one-line notification once per napari session.
+active image layer; the blur-type list also offers the models fine-tuned in this session (the Fine-tune
+widget adds them as they are written). Notes such as the offline fallback to bundled weights go to the status
+line on every run and to a one-line notification once per napari session.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from algnet_core.hub import loads_offline
 from algnet_core.inference import DEFAULT_PERCENTILES, NORMALIZE_MODES
 
 from ._compute import LayerDataTuple, deblur_layer, leading_shape, model_label
+from ._finetuned import FINETUNED, on_finetuned
 
 log = logging.getLogger(__name__)
 
 CUSTOM = "folder or Hub id…"
 CURRENT, ALL = "current plane", "all planes"
 NEEDS_DOWNLOAD = " (needs download)"
+FINE_TUNED = " (fine-tuned)"
 PERCENTILE = "percentile"
 DEFAULTS: dict[str, Any] = {
     "device": "auto",
@@ -52,9 +55,29 @@ ANNOUNCED: set[str] = set()
 
 
 def model_choices() -> list[tuple[str, str]]:
-    """Blur-type choices (label, value): the registered models, marked when they need a download, then CUSTOM."""
+    """Blur-type choices (label, value): the registered models, marked when they need a download, the models
+    fine-tuned in this session (by folder name; the value is the folder), then CUSTOM."""
     models = [(name if loads_offline(name) else name + NEEDS_DOWNLOAD, name) for name in algnet_core.list_models()]
-    return [*models, (CUSTOM, CUSTOM)]
+    tuned = [(folder.name + FINE_TUNED, str(folder)) for folder in FINETUNED]
+    return [*models, *tuned, (CUSTOM, CUSTOM)]
+
+
+class ModelComboBox(ComboBox):
+    """A combo box of :func:`model_choices`, listed afresh in their order, keeping the choice, when napari resets
+    the widget's choices (layer changes), when a model is fine-tuned, and on :meth:`reset_choices`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # magicgui's initialisation lists the choices with reset_choices
+        on_finetuned(self.native, self.reset_choices)
+
+    def reset_choices(self, *_: Any) -> None:
+        """List the models afresh: a run may have downloaded one, a fine-tune may have made one."""
+        value = self.value  # None while magicgui initialises the widget
+        with self.changed.blocked():
+            self.native.clear()  # else magicgui appends a new or relabelled model at the end, and drops the choice
+            self.choices = model_choices()
+            if value is not None:
+                self.value = value
 
 
 class DeblurWidget(Container):
@@ -63,7 +86,7 @@ class DeblurWidget(Container):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         self._viewer = napari_viewer
         self._image = ComboBox(name="image", choices=self._image_layers)
-        self._blur = ComboBox(name="blur", label="blur type", choices=model_choices())
+        self._blur = ModelComboBox(name="blur", label="blur type")
         self._blur.tooltip = f"models marked{NEEDS_DOWNLOAD} are not on this machine yet: they need the Hub"
         self._custom = LineEdit(name="model", visible=False)
         self._custom.native.setPlaceholderText("local save_pretrained folder or Hub repo id")
@@ -268,12 +291,4 @@ class DeblurWidget(Container):
         self._pbar = None
         self.worker = None
         self._run.text = "Run"
-        self._refresh_models()
-
-    def _refresh_models(self) -> None:
-        """Mark the registered models afresh (a run may have downloaded one), keeping their order and the choice."""
-        value = self._blur.value
-        with self._blur.changed.blocked():
-            self._blur.native.clear()  # else magicgui moves a relabelled model to the end, and drops the choice
-            self._blur.choices = model_choices()
-            self._blur.value = value
+        self._blur.reset_choices()  # a run may have downloaded a model
