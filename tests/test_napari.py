@@ -90,9 +90,10 @@ def plugin(npe2pm):
 
 @pytest.fixture
 def docked(make_napari_viewer, plugin):
-    """A shown viewer and the widget opened as a user does: Plugins → Deblur (ALGNet Deblur)."""
+    """A shown viewer and the widget opened as a user does: Plugins → ALGNet Deblur → Deblur (ALGNet Deblur)."""
     viewer = make_napari_viewer(show=True)
-    actions = {a.text(): a for a in viewer.window.plugins_menu.actions()}
+    submenu = next(a.menu() for a in viewer.window.plugins_menu.actions() if a.text() == "ALGNet Deblur")
+    actions = {a.text(): a for a in submenu.actions()}
     actions[DOCK_TITLE].trigger()
     return viewer, viewer.window.dock_widgets[DOCK_TITLE]  # keyed by the dock's title
 
@@ -164,7 +165,7 @@ def test_manifest_validates_and_ships_inside_the_package():
     manifest = PluginManifest.from_file(MANIFEST)
     manifest.validate_imports()
     assert manifest.display_name == "ALGNet Deblur"
-    assert [w.display_name for w in manifest.contributions.widgets] == ["Deblur"]
+    assert [w.display_name for w in manifest.contributions.widgets] == ["Deblur", "Fine-tune"]
     assert [m.command for m in manifest.contributions.menus["napari/layers/filter"]] == ["algnet.deblur"]
     assert (ROOT / "algnet_plugin" / "napari.yaml").read_bytes() == MANIFEST.read_bytes()
 
