@@ -92,13 +92,14 @@ def bundled_files(stem: str) -> tuple[Path, Path]:
     return weights.with_suffix(".json"), weights
 
 
-def save_bundled(model: ALGNet, stem: str, description: str, directory: Path = WEIGHTS_DIR) -> Path:
+def save_bundled(model: ALGNet, stem: str, description: str, directory: Path | None = None) -> Path:
     """Write ``model`` as bundled weights ``<stem>.safetensors`` (float16) + ``<stem>.json`` in ``directory``
     (default: the package's ``weights/``, where they ship).
 
     ``description`` goes into the safetensors metadata and appears in the load log line. Returns the
     weights path.
     """
+    directory = WEIGHTS_DIR if directory is None else directory
     directory.mkdir(exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
     weights = directory / f"{stem}.safetensors"
