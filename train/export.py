@@ -93,9 +93,8 @@ def model_card(config: dict[str, Any], steps: int, rows: Sequence[dict[str, Any]
     run, optim, loss, data = config["run"], config["optim"], config["loss"], config["data"]
     export = config.get("export", {})
     recipe = data["train"].get("recipe", {})
-    task = {"motion": "motion deblurring", "defocus": "defocus deblurring"}.get(
-        recipe.get("kind", ""), "image deblurring"
-    )
+    tasks = {"motion": "motion deblurring", "defocus": "defocus deblurring", "psf": "deblurring of one measured PSF"}
+    task = tasks.get(recipe.get("kind", ""), "image deblurring")
     flips = "+".join(k for k, v in data["flips"].items() if v) or "none"
     return CARD_TEMPLATE.format(
         name=config["name"],

@@ -412,7 +412,7 @@ class FineTuner:
                 blur = f"camera shake of {r.motion_length[0]:g} to {r.motion_length[1]:g} px"
             noise = f"Gaussian noise sigma {r.gaussian_sigma[0]:g}, Poisson variance {r.poisson[0]:g} x signal"
             text += f", blurred on the fly by {blur}; {noise}{', 8-bit quantisation' if r.quantise else ''}."
-        text += f" {n_val} planes held back for validation (seed {self.seed}): {', '.join(self.val_names)}."
+        text += f" Held back for validation (seed {self.seed}, {n_val} of them): {', '.join(self.val_names)}."
         return text
 
     def _config(self, work: Path) -> Config:
