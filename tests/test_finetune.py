@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +309,26 @@ def test_algnet_finetune_end_to_end(
     with pytest.raises(SystemExit):
         cli_main(["finetune", str(sharp_dir), "--psf", str(psf_file), "-o", str(tmp_path / "y")])  # no budget
     assert "one of the arguments --minutes --steps is required" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_algnet_finetune_with_the_best_model_so_far(
+    tmp_path: Path, sharp_dir: Path, psf_file: Path, start_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "stopped"
+
+    def interrupt_once_training_started() -> None:
+        while not (out / "training" / "config.yaml").exists():  # written when the training loop starts
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_training_started, daemon=True).start()
+    args = ["finetune", str(sharp_dir), "--psf", str(psf_file), "--steps", "500", "--model", str(start_model)]
+    assert cli_main([*args, "--crop", "32", "--batch", "2", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "SIGINT: stopping after this step" in captured.err and "cancelled:" in captured.out
+    assert int(captured.out.split("cancelled: ")[1].split()[0]) < 500
+    ALGNet.from_pretrained(out)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_a_missing_training_extra_names_the_extra(

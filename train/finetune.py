@@ -71,8 +71,9 @@ MAX_VAL_IMAGES = 8
 """At most this many planes are held back, so that a validation stays short."""
 NOISE_SIGMA = 0.01
 """Default Gaussian noise sigma of the synthetic blur (in units of the image range)."""
-DEFAULTS = {"cpu": {"crop": 96, "batch": 8}, "cuda": {"crop": 192, "batch": 16}}
-"""Training patch side and batch per device type (other devices: the CPU's)."""
+DEFAULTS = {"cpu": {"crop": 64, "batch": 8}, "cuda": {"crop": 128, "batch": 16}}
+"""Training patch side and batch per device type (other devices: the CPU's). On the CPU, more steps on 64 px crops
+beat fewer on 96 px ones in the same time (measured: bench/finetune.py); the CUDA sizes are not measured."""
 VAL_CROP = 128
 """Validation images are centre crops of at most this side."""
 MIN_TRAIN_STEPS_PER_EPOCH = 8
@@ -283,9 +284,10 @@ class FineTuner:
     blurry images) they are pairs, else exactly one of ``psf``, ``defocus_radius``, ``motion_length`` blurs
     them. ``model``: the starting model (registered name, ``save_pretrained`` folder, Hub repo id, or a
     training checkpoint ``.pt``). Budget: ``steps`` or ``minutes``, exactly one. ``crop``/``batch`` default
-    by device (:data:`DEFAULTS`); ``lr`` decays by a cosine to ``lr / 100``; weights are averaged (EMA,
-    ``ema_decay``). ``workers``: DataLoader processes making the blurred crops (default 0 on the CPU, 4
-    elsewhere; 0 keeps everything in this process). ``progress(step, total, val_psnr)`` is called from the
+    by device (:data:`DEFAULTS`); ``lr`` decays by a cosine to ``lr / 100`` (the default, 4x the paper's rate
+    from scratch, gains most in a few minutes: measured with bench/finetune.py); weights are averaged (EMA,
+    ``ema_decay``). ``workers``: DataLoader processes making the blurred crops (default 4 on CUDA, else 0:
+    everything in this process). ``progress(step, total, val_psnr)`` is called from the
     thread running :meth:`run` after the starting model's validation and after every step. ``log_progress``
     shows a progress bar.
     """
@@ -307,7 +309,7 @@ class FineTuner:
         device: str | torch.device = "auto",
         crop: int | None = None,
         batch: int | None = None,
-        lr: float = 2e-4,
+        lr: float = 2e-3,
         ema_decay: float = 0.99,
         val_fraction: float = 0.2,
         seed: int = 0,
@@ -338,7 +340,7 @@ class FineTuner:
             raise ValueError(f"the crop must be a multiple of {MULTIPLE} px, got {self.crop}")
         self.steps, self.minutes, self.seed, self.progress = steps, minutes, seed, progress
         self.lr, self.ema_decay, self.log_progress = lr, ema_decay, log_progress
-        self.workers = (0 if self.device.type == "cpu" else 4) if workers is None else workers
+        self.workers = (4 if self.device.type == "cuda" else 0) if workers is None else workers
         self.model = os.fspath(model)
         self._cancel = threading.Event()
         self._trainer: Trainer | None = None

@@ -103,8 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``algnet finetune``: train, print the validation PSNRs, write the folder. Ctrl-C and SIGTERM stop
-    after the current step and keep the best model so far."""
+    """Run ``algnet finetune``: train, print the validation PSNRs, write the folder. Ctrl-C or SIGTERM stops
+    after the current step and keeps the best model so far; a second one aborts."""
     try:
         from . import finetune
     except ModuleNotFoundError as err:
@@ -152,15 +152,23 @@ def run(args: argparse.Namespace) -> int:
         numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))  # the CPU selective scan
 
     def stop(signum: int, _frame: object) -> None:
-        print(f"algnet finetune: {signal.Signals(signum).name}: stopping after this step", file=sys.stderr)
+        print(
+            f"algnet finetune: {signal.Signals(signum).name}: stopping after this step with the best model so far "
+            "(again to abort)",
+            file=sys.stderr,
+        )
         tuner.cancel()
+        restore()  # a second signal aborts the run (its folder is removed)
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous = {signum: signal.signal(signum, stop) for signum in handled}
     try:
         result = tuner.run()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore()
     print(result.summary())
     return 0
