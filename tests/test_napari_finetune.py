@@ -142,7 +142,8 @@ def test_fine_tune_a_stack_then_deblur_with_the_new_model(docked, qtbot, start_f
     assert {"config.json", "model.safetensors", "psf.npy", "README.md"} <= {p.name for p in folder.iterdir()}
     np.testing.assert_allclose(np.load(folder / "psf.npy"), psf.data / psf.data.sum(), atol=1e-6)
     card = (folder / "README.md").read_text()
-    assert re.search(r"held back for validation\s+\(seed 0[^)]*\):\s+cells \[\d\]", card, re.I)  # the layer's planes by name
+    held_back = r"held back for validation\s+\(seed 0[^)]*\):\s+cells \[\d\]"  # the layer's planes by name
+    assert re.search(held_back, card, re.I)
     assert json.loads((folder / "config.json").read_text())["width"] == 8  # the tiny start's architecture
     for layer in (stack, psf):
         assert snapshot(layer) == before[layer.name][0] and layer.data is before[layer.name][1]
