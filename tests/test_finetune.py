@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from algnet_core import ALGNet, deblur
 from algnet_core.cli import main as cli_main
 from train import kernels
 from train.data import BlurRecipe, SyntheticBlur
+from train.engine import Trainer
 from train.finetune import FineTuner, load_planes, split
 
 FAST = {"crop": 32, "batch": 2, "lr": 1e-3}
@@ -233,7 +235,14 @@ def test_cancel_keeps_the_best_model_so_far_as_a_valid_folder(
             tuner.cancel()
 
     tuner = FineTuner(
-        tmp_path / "a", sharp_dir, psf=psf_file, steps=50, model=start_model, progress=stop_at_two, **FAST
+        tmp_path / "a",
+        sharp_dir,
+        psf=psf_file,
+        steps=50,
+        model=start_model,
+        progress=stop_at_two,
+        warmup_steps=0,
+        **FAST,
     )
     result = tuner.run()
     assert result.cancelled and result.steps == 2
@@ -286,6 +295,16 @@ def test_paired_16_bit_stacks_and_in_memory_layers_train(tmp_path: Path, start_m
     assert (result.train_images, result.val_images) == (1, 1)
     card = (tmp_path / "m" / "README.md").read_text()
     assert "given in memory" in card and "camera shake of 3 to 7 px" in card
+
+
+def test_the_warm_up_raises_the_rate_linearly_then_follows_the_cosine(tmp_path: Path, sharp_dir: Path) -> None:
+    tuner = FineTuner(tmp_path / "w", sharp_dir, defocus_radius=(1, 2), steps=10, **FAST)  # warm-up 10 // 5 = 2
+    assert tuner.warmup == 2
+    trainer = Trainer(tuner._config(tmp_path / "work"), tuner.train_set, tuner.val_set, torch.device("cpu"))
+    lr, low = 1e-3, 1e-5
+    cosine = [(low + (lr - low) * 0.5 * (1 + math.cos(math.pi * s / 10))) / lr for s in range(11)]
+    assert [trainer.lr_factor(s) for s in range(11)] == pytest.approx([cosine[0] / 2, *cosine[1:]], rel=1e-12)
+    assert trainer.scheduler.get_last_lr() == [pytest.approx(lr / 2)]  # the first step's rate
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -40,13 +40,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with a per-step cosine annealing from ``lr`` to ``min_lr``; ``grad_clip``: max grad norm."""
+    """Adam with a per-step cosine annealing from ``lr`` to ``min_lr``; ``grad_clip``: max grad norm;
+    ``warmup_steps``: the rate rises linearly over these first steps (0: none)."""
 
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     min_lr: float = 1e-7
     grad_clip: float | None = None
+    warmup_steps: int = 0
 
 
 @dataclass

@@ -200,11 +200,13 @@ class Trainer:
         """Cosine annealing from ``optim.lr`` at step 0 to ``optim.min_lr`` at ``run.steps`` (closed form).
 
         Read from the config at every step, so resuming with a larger ``run.steps`` stretches the rest of
-        the schedule (the learning rate jumps up to the new curve: a warm restart).
+        the schedule (the learning rate jumps up to the new curve: a warm restart). With
+        ``optim.warmup_steps`` = W, step s < W is scaled by (s + 1) / W.
         """
         lr, min_lr, total = self.cfg.optim.lr, self.cfg.optim.min_lr, self.cfg.run.steps
         progress = min(step, total) / total
-        return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
+        warmup = min(1.0, (step + 1) / self.cfg.optim.warmup_steps) if self.cfg.optim.warmup_steps else 1.0
+        return warmup * (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -80,6 +80,10 @@ MIN_TRAIN_STEPS_PER_EPOCH = 8
 """Training planes are repeated (with fresh crops) so that an epoch has at least this many steps."""
 CALIBRATION_STEPS = 3
 """With a time budget, the validation interval is fixed once this many steps have been timed."""
+WARMUP_STEPS = 20
+"""Default linear warm-up of the learning rate (at most a fifth of the run): without it, the first full-rate
+Adam steps knock a model that already fits the data off (measured: Kodak24, defocus 2-6 px, lr 2e-3, 80 steps:
++0.43 dB on validation with it, no step better than the start without)."""
 
 
 @dataclass(frozen=True)
@@ -286,7 +290,8 @@ class FineTuner:
     training checkpoint ``.pt``). Budget: ``steps`` or ``minutes``, exactly one. ``crop``/``batch`` default
     by device (:data:`DEFAULTS`); ``lr`` decays by a cosine to ``lr / 100`` (the default, 4x the paper's rate
     from scratch, gains most in a few minutes: measured with bench/finetune.py); weights are averaged (EMA,
-    ``ema_decay``). ``workers``: DataLoader processes making the blurred crops (default 4 on CUDA, else 0:
+    ``ema_decay``); the rate first rises over ``warmup_steps`` (default :data:`WARMUP_STEPS`, at most a fifth of
+    the run). ``workers``: DataLoader processes making the blurred crops (default 4 on CUDA, else 0:
     everything in this process). ``progress(step, total, val_psnr)`` is called from the
     thread running :meth:`run` after the starting model's validation and after every step. ``log_progress``
     shows a progress bar.
@@ -311,6 +316,7 @@ class FineTuner:
         batch: int | None = None,
         lr: float = 2e-3,
         ema_decay: float = 0.99,
+        warmup_steps: int | None = None,
         val_fraction: float = 0.2,
         seed: int = 0,
         workers: int | None = None,
@@ -340,6 +346,7 @@ class FineTuner:
             raise ValueError(f"the crop must be a multiple of {MULTIPLE} px, got {self.crop}")
         self.steps, self.minutes, self.seed, self.progress = steps, minutes, seed, progress
         self.lr, self.ema_decay, self.log_progress = lr, ema_decay, log_progress
+        self.warmup = min(WARMUP_STEPS, (steps or 10**9) // 5) if warmup_steps is None else warmup_steps
         self.workers = (4 if self.device.type == "cuda" else 0) if workers is None else workers
         self.model = os.fspath(model)
         self._cancel = threading.Event()
@@ -440,7 +447,7 @@ class FineTuner:
                     "flips": {"horizontal": flips, "vertical": flips},
                     "workers": self.workers,
                 },
-                "optim": {"lr": self.lr, "min_lr": self.lr / 100, "grad_clip": 1.0},
+                "optim": {"lr": self.lr, "min_lr": self.lr / 100, "grad_clip": 1.0, "warmup_steps": self.warmup},
                 "run": {
                     "steps": steps,
                     "batch": self.batch,
@@ -534,7 +541,7 @@ class FineTuner:
 class _Plan:
     """Fits a run into ``minutes``: after every step the number of steps is re-planned from the mean time per
     step so far (validations included), keeping time for the final validation; the validation interval is
-    fixed to a tenth of the plan after :data:`CALIBRATION_STEPS` steps."""
+    fixed to a tenth of the plan, and the warm-up to at most a fifth, after :data:`CALIBRATION_STEPS` steps."""
 
     def __init__(self, began: float, minutes: float, val_seconds: float) -> None:
         self.began, self.deadline, self.val_seconds = began, began + 60 * minutes, val_seconds
@@ -549,3 +556,4 @@ class _Plan:
         trainer.cfg.run.steps = trainer.step + max(1, left)
         if trainer.step == CALIBRATION_STEPS:
             trainer.cfg.log.val_every = max(1, trainer.cfg.run.steps // 10)
+            trainer.cfg.optim.warmup_steps = min(trainer.cfg.optim.warmup_steps, trainer.cfg.run.steps // 5)

@@ -96,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=_positive(int), default=None, help="patches per step")
     parser.add_argument("--lr", type=_positive(float), default=None, help="initial learning rate (cosine decay)")
     parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="steps over which the learning rate rises (default 20, at most 1/5 of the run)",
+    )
+    parser.add_argument(
         "--val-fraction", type=_positive(float), default=None, help="share of the images held back (default 0.2)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the crops and the blur")
@@ -126,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         "crop": args.crop,
         "batch": args.batch,
         "lr": args.lr,
+        "warmup_steps": args.warmup,
         "noise": args.noise,
         "val_fraction": args.val_fraction,
     }
