@@ -46,3 +46,12 @@ def tiny_model(shared: Path) -> ALGNet:
 def active_model() -> ALGNet:
     """:func:`helpers.active_tiny`: every block active, output within a few percent of the input."""
     return active_tiny()
+
+
+@pytest.fixture(scope="session")
+def active_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A save_pretrained folder of :func:`helpers.active_tiny` (every block active), read by the CLI and napari
+    tests as a local model folder."""
+    folder = tmp_path_factory.mktemp("active") / "tiny"
+    active_tiny().save_pretrained(folder)
+    return folder

@@ -17,7 +17,7 @@ import png
 import pytest
 import tifffile
 import torch
-from helpers import TINY, active_tiny
+from helpers import TINY
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
@@ -48,14 +48,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny")
     ALGNet(**TINY).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def active_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A save_pretrained folder of :func:`helpers.active_tiny` (every block active)."""
-    folder = tmp_path_factory.mktemp("active")
-    active_tiny().save_pretrained(folder)
     return folder
 
 

@@ -46,14 +46,6 @@ DOCK_TITLE = "Deblur (ALGNet Deblur)"
 CUSTOM = "folder or Hub id…"
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A save_pretrained folder of the active tiny model: the widget loads it as a "local model folder"."""
-    folder = tmp_path_factory.mktemp("models") / "tiny"
-    active_tiny().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module", autouse=True)
 def numba_threads_launched() -> None:
     """Launch numba's threads here, once, and keep torch's thread count as it was.
@@ -189,7 +181,7 @@ def test_restore_defaults_button(docked):
 
 
 @pytest.mark.parametrize("case", ["rgb_photo", "gray_uint16", "stack_3_planes"])
-def test_output_layer_is_deblur_of_each_input_plane(docked, qtbot, tiny_folder, case):
+def test_output_layer_is_deblur_of_each_input_plane(docked, qtbot, active_dir, case):
     viewer, widget = docked
     if case == "rgb_photo":  # a real 50x125 RGB photo (RealBlur crop), read in place
         layer = viewer.add_image(imread(require_shared() / "data/realblur_crop/blur/scene050-6.png"), scale=(0.5, 0.5))
@@ -203,7 +195,7 @@ def test_output_layer_is_deblur_of_each_input_plane(docked, qtbot, tiny_folder, 
     before = layer.data.copy()
     widget.image.value = layer
     widget.blur.value = CUSTOM
-    widget.model.value = str(tiny_folder)
+    widget.model.value = str(active_dir)
     run_widget(qtbot, widget)
 
     out = viewer.layers[f"{layer.name} [ALGNet tiny]"]
@@ -263,26 +255,26 @@ def test_twelve_bit_image_is_deblurred_as_well_as_its_full_range_copy(docked, qt
     assert twelve > psnr(sharp, counts) + 1.0  # (measured: 22.8 -> 25.0 dB) it deblurs, not only passes through
 
 
-def test_rerun_replaces_the_previous_output(docked, qtbot, tiny_folder):
+def test_rerun_replaces_the_previous_output(docked, qtbot, active_dir):
     viewer, widget = docked
     viewer.add_image(np.zeros((32, 32), np.uint8), name="a")
     viewer.add_image(np.ones((32, 32), np.uint8), name="b")  # its output is not touched
     widget.blur.value = CUSTOM
-    widget.model.value = str(tiny_folder)
+    widget.model.value = str(active_dir)
     for name in ("b", "a", "a"):
         widget.image.value = viewer.layers[name]
         run_widget(qtbot, widget)
     assert [layer.name for layer in viewer.layers] == ["a", "b", "b [ALGNet tiny]", "a [ALGNet tiny]"]
 
 
-def test_current_plane_sits_at_that_plane_and_leaves_the_input_in_place(docked, qtbot, tiny_folder):
+def test_current_plane_sits_at_that_plane_and_leaves_the_input_in_place(docked, qtbot, active_dir):
     viewer, widget = docked
     stack = np.random.default_rng(4).random((5, 32, 32), dtype=np.float32)
     layer = viewer.add_image(stack, scale=(2.0, 1.0, 1.0))
     viewer.dims.set_current_step(0, 3)
     widget.image.value = layer
     widget.blur.value = CUSTOM
-    widget.model.value = str(tiny_folder)
+    widget.model.value = str(active_dir)
     assert widget.planes.value == "current plane" and widget.planes.enabled
     run_widget(qtbot, widget)
     out = viewer.layers[-1]
@@ -490,7 +482,7 @@ def test_failures_come_through_the_errored_signal_into_the_status_line(docked, q
     assert [layer.name for layer in viewer.layers] == ["photo"] and widget.run.text == "Run"
 
 
-def test_errors_are_notifications_without_traceback(docked, qtbot, tiny_folder):
+def test_errors_are_notifications_without_traceback(docked, qtbot, active_dir):
     viewer, widget = docked
     notification_manager.records.clear()
     viewer.add_points([[1, 1]])
@@ -500,7 +492,7 @@ def test_errors_are_notifications_without_traceback(docked, qtbot, tiny_folder):
 
     viewer.add_image(np.zeros((2, 2), np.uint8), name="tiny")
     widget.blur.value = CUSTOM
-    widget.model.value = str(tiny_folder)
+    widget.model.value = str(active_dir)
     run_widget(qtbot, widget)
     assert "'tiny' is 2x2 pixels" in errors_shown()[-1] and "'tiny' is 2x2 pixels" in widget.status.value
     assert [layer.name for layer in viewer.layers] == ["Points", "tiny"]

@@ -23,7 +23,6 @@ pytest.importorskip("pytestqt")
 if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
     pytest.skip("the napari tests need a display: run them under Xvfb (xvfb-run)", allow_module_level=True)
 
-from helpers import active_tiny  # noqa: E402
 from napari.layers import Image  # noqa: E402
 from npe2 import PluginManifest  # noqa: E402
 from qtpy.QtWidgets import QProgressBar  # noqa: E402
@@ -38,14 +37,6 @@ MANIFEST = Path(__file__).resolve().parents[1] / "napari.yaml"
 SUBMENU = "ALGNet Deblur"
 DEBLUR, FINETUNE = "Deblur (ALGNet Deblur)", "Fine-tune (ALGNet Deblur)"
 CUSTOM = "folder or Hub id…"
-
-
-@pytest.fixture(scope="module")
-def start_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The starting model: the active tiny model as a save_pretrained folder."""
-    folder = tmp_path_factory.mktemp("start") / "tiny"
-    active_tiny().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +97,7 @@ def labels(combo) -> list[str]:
     return [combo.native.itemText(i) for i in range(combo.native.count())]
 
 
-def test_fine_tune_a_stack_then_deblur_with_the_new_model(docked, qtbot, start_folder, models_dir):
+def test_fine_tune_a_stack_then_deblur_with_the_new_model(docked, qtbot, active_dir, models_dir):
     viewer, widget, deblur_widget = docked
     stack = viewer.add_image(np.clip(cells(3), 0, 1), name="cells", scale=(4, 1, 1), colormap="magma")
     psf = viewer.add_image(gaussian_psf(7, 1.2), name="psf", metadata={"objective": "60x"})
@@ -117,7 +108,7 @@ def test_fine_tune_a_stack_then_deblur_with_the_new_model(docked, qtbot, start_f
     widget.psf_layer.value = psf
     assert widget.psf_layer.visible and widget.noise.visible and not widget.blurry.visible
     assert not widget.radius_min.visible and not widget.custom_model.visible
-    set_tiny(widget, start_folder, steps=2)
+    set_tiny(widget, active_dir, steps=2)
     widget.run.native.click()
     folder = models_dir / "cells-psf-2"
     assert (
@@ -164,7 +155,7 @@ def test_fine_tune_a_stack_then_deblur_with_the_new_model(docked, qtbot, start_f
     assert snapshot(stack) == before["cells"][0]
 
 
-def test_cancel_keeps_the_best_model_so_far(docked, qtbot, start_folder, models_dir):
+def test_cancel_keeps_the_best_model_so_far(docked, qtbot, active_dir, models_dir):
     viewer, widget, deblur_widget = docked
     sharp = cells(2, seed=1)
     blurry = np.stack([ndimage.uniform_filter(p, 5) for p in sharp])
@@ -175,7 +166,7 @@ def test_cancel_keeps_the_best_model_so_far(docked, qtbot, start_folder, models_
     widget.source.value = "blurry + sharp pairs"
     widget.blurry.value = [blurry_layer]
     assert widget.blurry.visible and not widget.noise.visible and not widget.psf_layer.visible
-    set_tiny(widget, start_folder, steps=1000)
+    set_tiny(widget, active_dir, steps=1000)
     widget.output.value = "mine"  # relative: in the models folder
     widget.run.native.click()
     qtbot.waitUntil(lambda: widget.status.value.startswith("step 1 of 1000"), timeout=60_000)
@@ -194,7 +185,7 @@ def test_cancel_keeps_the_best_model_so_far(docked, qtbot, start_folder, models_
     assert 1 <= int(steps) < 1000 and kept in (f"step {steps}", "the starting model")  # validated when cancelled
     assert float(psnr_kept) >= float(psnr_start)
     folder = models_dir / "mine"
-    start, written = load_file(start_folder / "model.safetensors"), load_file(folder / "model.safetensors")
+    start, written = load_file(active_dir / "model.safetensors"), load_file(folder / "model.safetensors")
     same = written.keys() == start.keys() and all(np.array_equal(written[k], start[k]) for k in start)
     assert same == (kept == "the starting model")
     assert isinstance(ALGNet.from_pretrained(folder), ALGNet)
@@ -202,7 +193,7 @@ def test_cancel_keeps_the_best_model_so_far(docked, qtbot, start_folder, models_
     assert [snapshot(layer) for layer in (sharp_layer, blurry_layer)] == before
 
 
-def test_bad_inputs_fail_with_the_reason_in_the_status_line(docked, qtbot, start_folder, models_dir):
+def test_bad_inputs_fail_with_the_reason_in_the_status_line(docked, qtbot, active_dir, models_dir):
     viewer, widget, deblur_widget = docked
     widget.run.native.click()
     assert widget.worker is None and widget.status.value == "failed: Select the sharp image layers to learn from"
@@ -212,7 +203,7 @@ def test_bad_inputs_fail_with_the_reason_in_the_status_line(docked, qtbot, start
     big_psf = viewer.add_image(gaussian_psf(41, 6.0), name="big psf")
     (models_dir / "taken").mkdir(parents=True)
     (models_dir / "taken" / "notes.txt").write_text("mine")
-    set_tiny(widget, start_folder, steps=2)
+    set_tiny(widget, active_dir, steps=2)
     cases = [  # (fields, reason, found by the engine in the worker rather than by the widget)
         ({"sharp": [single], "source": "defocus"}, "1 image plane given", True),
         (
