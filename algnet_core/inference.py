@@ -376,7 +376,9 @@ def deblur_tensor(
             log.warning("algnet: out of GPU memory, retrying with tile %d", size)
 
 
-def _value_range(colour: Any, dtype: np.dtype, normalize: str, percentiles: tuple[float, float]) -> tuple[float, float]:
+def normalization_range(
+    colour: Any, dtype: np.dtype, normalize: str, percentiles: tuple[float, float]
+) -> tuple[float, float]:
     """The (low, high) values that map to 0 and 1 (see the module docs); ``colour`` is a numpy or dask array."""
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
@@ -424,7 +426,7 @@ def value_mapping(
     colour: Any, dtype: np.dtype, normalize: str = "auto", percentiles: tuple[float, float] = DEFAULT_PERCENTILES
 ) -> Mapping:
     """The one :data:`Mapping` of ``colour`` (numpy or dask: all its values, every page of a stack)."""
-    lo, hi = _value_range(colour, dtype, normalize, percentiles)
+    lo, hi = normalization_range(colour, dtype, normalize, percentiles)
     if normalize != "percentile":
         return lo, hi, lo, hi
     extent = [colour.min(), colour.max()]

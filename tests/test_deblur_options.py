@@ -13,7 +13,7 @@ from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio
 
 from algnet_core import ALGNet, DeblurCancelled, deblur, deblur_tensor
-from algnet_core.inference import NORMALIZE_MODES, _value_range
+from algnet_core.inference import NORMALIZE_MODES, normalization_range
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +51,18 @@ def test_twelve_bit_data_is_restored_as_well_as_the_same_data_at_full_range() ->
 
 def test_value_ranges_of_each_mode() -> None:
     data = np.array([[58, 2336], [100, 400]], dtype=np.uint16)
-    assert _value_range(data, data.dtype, "auto", (1, 99.8)) == (58.0, 2336.0)
-    assert _value_range(data, data.dtype, "dtype", (1, 99.8)) == (0.0, 65535.0)
-    assert _value_range(data * 20, data.dtype, "auto", (1, 99.8)) == (0.0, 65535.0)  # uses 16 bits
+    assert normalization_range(data, data.dtype, "auto", (1, 99.8)) == (58.0, 2336.0)
+    assert normalization_range(data, data.dtype, "dtype", (1, 99.8)) == (0.0, 65535.0)
+    assert normalization_range(data * 20, data.dtype, "auto", (1, 99.8)) == (0.0, 65535.0)  # uses 16 bits
     photo = np.array([[3, 40]], dtype=np.uint8)
-    assert _value_range(photo, photo.dtype, "auto", (1, 99.8)) == (0.0, 255.0)
-    assert _value_range(photo, photo.dtype, "range", (1, 99.8)) == (3.0, 40.0)
+    assert normalization_range(photo, photo.dtype, "auto", (1, 99.8)) == (0.0, 255.0)
+    assert normalization_range(photo, photo.dtype, "range", (1, 99.8)) == (3.0, 40.0)
     ramp = np.arange(1001, dtype=np.float32)
-    assert _value_range(ramp, ramp.dtype, "percentile", (1, 99)) == pytest.approx((10.0, 990.0))
+    assert normalization_range(ramp, ramp.dtype, "percentile", (1, 99)) == pytest.approx((10.0, 990.0))
     with pytest.raises(ValueError, match="normalize must be one of"):
-        _value_range(data, data.dtype, "minmax", (1, 99.8))
+        normalization_range(data, data.dtype, "minmax", (1, 99.8))
     with pytest.raises(ValueError, match="percentiles"):
-        _value_range(data, data.dtype, "percentile", (99, 1))
+        normalization_range(data, data.dtype, "percentile", (99, 1))
     assert NORMALIZE_MODES == ("auto", "dtype", "range", "percentile")
 
 

@@ -53,7 +53,7 @@ from torch.utils.data import Dataset
 
 from algnet_core import imageio
 from algnet_core.hub import load_model, preset_of
-from algnet_core.inference import DEFAULT_PERCENTILES, _value_range, resolve_device
+from algnet_core.inference import DEFAULT_PERCENTILES, normalization_range, resolve_device
 from algnet_core.model import MULTIPLE
 
 from .config import Config
@@ -154,7 +154,7 @@ def _value_range_of(name: str, array: np.ndarray) -> tuple[float, float]:
     if min(array.shape[:2]) < MULTIPLE:
         raise ValueError(f"{name} is {array.shape[0]}x{array.shape[1]}: images need at least {MULTIPLE} px a side")
     try:
-        return _value_range(array, dtype, "auto", DEFAULT_PERCENTILES)
+        return normalization_range(array, dtype, "auto", DEFAULT_PERCENTILES)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from err
 
