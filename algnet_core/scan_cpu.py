@@ -29,7 +29,6 @@ import threading
 import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
@@ -130,6 +129,18 @@ def _silu_overload(z):
     return lambda z: z / (1.0 + math.exp(-z))
 
 
+def _sigmoid(x):
+    """``1 / (1 + exp(-x))``, vectorisable for float32 inside the kernels (numba overload below)."""
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@overload(_sigmoid, inline="always", fastmath=_FASTMATH)
+def _sigmoid_overload(x):
+    if x == types.float32:
+        return lambda x: _ONE / (_ONE + _exp2(-x * _LOG2E_F32))
+    return lambda x: 1.0 / (1.0 + math.exp(-x))
+
+
 @njit(fastmath=_FASTMATH, cache=True)
 def _load_transposed(src, b, t0, t1, dst):
     """dst[t - t0, k] = src[b, k, t] for t in [t0, t1)."""
@@ -197,14 +208,19 @@ def _forward_kernel(u, delta, delta_bias, softplus, A2, B, C, D, z, y, ungated, 
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _backward_kernel(u, delta, A, A2, B, C, dy, starts, n_groups, chunk, du, ddelta, dA, dB, dC):
-    """Gradients of sum(y * dy) for the bare recurrence y = scan (``delta``: the step sizes, A2 = A *
-    log2(e)). du, ddelta: (batch, d_inner, L); dA: per batch (batch, d_inner, d_state); dB, dC: per channel
-    group (n_groups, batch, d_state, L). ``starts`` as saved by the forward kernel."""
+def _backward_kernel(
+    u, delta, delta_bias, softplus, A, A2, B, C, D, z, ungated, dy, starts, n_groups, chunk,
+    du, ddelta, dA, dB, dC, dD, dz, dbias,
+):  # fmt: skip
+    """Gradients of sum(y * dy) for the fused op of the forward kernel (same inputs; A2 = A * log2(e)).
+    du, ddelta, dz: (batch, d_inner, L); per batch element: dA (batch, d_inner, d_state), dD, dbias (batch,
+    d_inner); per channel group: dB, dC (n_groups, batch, d_state, L). ``starts`` as saved by the forward
+    kernel, ``ungated`` its ``scan + D * u`` (read only with ``z``)."""
     batch, d_inner, length = u.shape
     d_state = A.shape[1]
     size = (d_inner + n_groups - 1) // n_groups
-    zero = A.dtype.type(0)
+    has_bias, has_d, gate = delta_bias.shape[0] > 0, D.shape[0] > 0, z.shape[2] > 0
+    zero, one = A.dtype.type(0), A.dtype.type(1)
     for item in prange(batch * n_groups):
         b = item // n_groups
         group = item % n_groups
@@ -217,6 +233,10 @@ def _backward_kernel(u, delta, A, A2, B, C, dy, starts, n_groups, chunk, du, dde
         dCt = np.empty((chunk, d_state), dtype=A.dtype)
         states = np.empty((chunk + 1, d_state), dtype=A.dtype)  # states[i] = s(t0 + i - 1)
         decay = np.empty((chunk, d_state), dtype=A.dtype)
+        adj = np.empty((chunk, d_state), dtype=A.dtype)  # g[t0 + i]
+        steps = np.empty(chunk, dtype=A.dtype)  # the step sizes
+        slope = np.empty(chunk, dtype=A.dtype)  # d steps / d delta
+        dscan = np.empty(chunk, dtype=A.dtype)  # d loss / d (scan + D * u)
         for c in range((length + chunk - 1) // chunk - 1, -1, -1):
             t0 = c * chunk
             t1 = min(length, t0 + chunk)
@@ -226,35 +246,57 @@ def _backward_kernel(u, delta, A, A2, B, C, dy, starts, n_groups, chunk, du, dde
             dCt[:] = 0
             for d in range(d0, d1):
                 a, a2 = A[d], A2[d]
+                bias = delta_bias[d] if has_bias else zero
+                skip = D[d] if has_d else zero
+                for i in range(t1 - t0):  # the epilogues: step sizes and the gate
+                    t = t0 + i
+                    raw = delta[b, d, t] + bias
+                    steps[i] = _softplus(raw) if softplus else raw
+                    slope[i] = _sigmoid(raw) if softplus else one
+                    if gate:  # y = ungated * silu(z)
+                        zt = z[b, d, t]
+                        sig = _sigmoid(zt)
+                        dz[b, d, t] = dy[b, d, t] * ungated[b, d, t] * sig * (one + zt * (one - sig))
+                        dscan[i] = dy[b, d, t] * zt * sig
+                    else:
+                        dscan[i] = dy[b, d, t]
                 states[0] = starts[b, d, c]
-                for t in range(t0, t1):
-                    i = t - t0
-                    dt = delta[b, d, t]
-                    du_t = dt * u[b, d, t]
+                for i in range(t1 - t0):  # the chunk's states again, from its first
+                    dtu = steps[i] * u[b, d, t0 + i]
                     for n in range(d_state):
-                        e = _exp2(dt * a2[n])
+                        e = _exp2(steps[i] * a2[n])
                         decay[i, n] = e
-                        states[i + 1, n] = e * states[i, n] + du_t * Bt[i, n]
+                        states[i + 1, n] = e * states[i, n] + dtu * Bt[i, n]
                 g_next = carry[d - d0]
+                for i in range(t1 - t0 - 1, -1, -1):  # the adjoint recurrence alone: no reductions
+                    for n in range(d_state):
+                        g = g_next[n] + Ct[i, n] * dscan[i]
+                        adj[i, n] = g
+                        g_next[n] = g * decay[i, n]
                 da = dA[b, d]
-                for t in range(t1 - 1, t0 - 1, -1):
-                    i = t - t0
-                    dt = delta[b, d, t]
+                dd = zero
+                db = zero
+                for i in range(t1 - t0):  # independent steps: their reductions overlap
+                    t = t0 + i
+                    dt = steps[i]
                     u_t = u[b, d, t]
-                    dy_t = dy[b, d, t]
+                    dtu = dt * u_t
                     gb = zero  # sum_n g[n] B[n]
                     gsa = zero  # sum_n g[n] s(t-1)[n] exp(dt A[n]) A[n]
                     for n in range(d_state):
-                        g = g_next[n] + Ct[i, n] * dy_t
-                        dCt[i, n] += dy_t * states[i + 1, n]
-                        dBt[i, n] += g * dt * u_t
+                        g = adj[i, n]
+                        dCt[i, n] += dscan[i] * states[i + 1, n]
+                        dBt[i, n] += g * dtu
                         gb += g * Bt[i, n]
                         w = g * states[i, n] * decay[i, n]
                         gsa += w * a[n]
                         da[n] += w * dt
-                        g_next[n] = g * decay[i, n]
-                    du[b, d, t] = dt * gb
-                    ddelta[b, d, t] = u_t * gb + gsa
+                    du[b, d, t] = dt * gb + skip * dscan[i]
+                    dd += dscan[i] * u_t
+                    ddelta[b, d, t] = (u_t * gb + gsa) * slope[i]
+                    db += ddelta[b, d, t]
+                dD[b, d] += dd
+                dbias[b, d] += db
             for n in range(d_state):
                 for t in range(t0, t1):
                     dB[group, b, n, t] = dBt[t - t0, n]
@@ -316,31 +358,33 @@ class _SelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, ungated, starts = ctx.saved_tensors
         batch, d_inner, length = u.shape
         d_state = A.shape[1]
-        dy = dy.to(u.dtype)
-        raw = delta if delta_bias is None else delta + delta_bias[:, None]
-        steps = F.softplus(raw) if ctx.softplus else raw
-        wants_dD, wants_dz, wants_dbias = ctx.needs_input_grad[5:8]
-        dz = None
-        if z is not None:  # y = ungated * silu(z)
-            sig = torch.sigmoid(z)
-            if wants_dz:
-                dz = dy * ungated * sig * (1 + z * (1 - sig))
-            dy = dy * z * sig
         groups = _launch(batch, d_inner, length, d_state)
-        du, dsteps = torch.empty_like(u), torch.empty_like(u)
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dz = torch.empty_like(u) if z is not None else u.new_empty(0, 0, 0)
         dA = u.new_zeros(batch, d_inner, d_state)
         dB = u.new_empty(groups, batch, d_state, length)
         dC = u.new_empty(groups, batch, d_state, length)
-        arrays = [t.detach().numpy() for t in (u, steps, A, A * _LOG2E, B, C, dy.contiguous(), starts)]
+        dD, dbias = u.new_zeros(batch, d_inner), u.new_zeros(batch, d_inner)
+        absent = {1: u.new_empty(0), 3: u.new_empty(0, 0, 0)}
+        bias, skip, gate = (absent[n] if t is None else t for t, n in ((delta_bias, 1), (D, 1), (z, 3)))
+        arrays = [t.detach().numpy() for t in (u, delta, bias)] + [ctx.softplus]
+        arrays += [t.detach().numpy() for t in (A, A * _LOG2E, B, C, skip, gate, ungated, dy.to(u.dtype).contiguous())]
+        arrays += [starts.numpy(), groups, TIME_CHUNK]
+        arrays += [t.numpy() for t in (du, ddelta, dA, dB, dC, dD, dz, dbias)]
         with _LOCK:
-            _backward_kernel(*arrays, groups, TIME_CHUNK, *(t.numpy() for t in (du, dsteps, dA, dB, dC)))
-        dD = None
-        if D is not None:  # ungated = scan + D * u
-            dD = (dy * u).sum((0, 2)) if wants_dD else None
-            du += dy * D[:, None]
-        ddelta = dsteps * torch.sigmoid(raw) if ctx.softplus else dsteps
-        dbias = ddelta.sum((0, 2)) if wants_dbias else None
-        return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD, dz, dbias, None
+            _backward_kernel(*arrays)
+        wants_dD, wants_dz, wants_dbias = ctx.needs_input_grad[5:8]
+        return (
+            du,
+            ddelta,
+            dA.sum(0),
+            dB.sum(0),
+            dC.sum(0),
+            dD.sum(0) if wants_dD else None,
+            dz if wants_dz else None,
+            dbias.sum(0) if wants_dbias else None,
+            None,
+        )
 
 
 def selective_scan_cpu(

@@ -100,13 +100,22 @@ def test_cpu_unavailable_without_numba(monkeypatch):
         resolve_backend("cpu", torch.device("cpu"))
 
 
-def test_cpu_gradcheck_float64():
+@pytest.mark.parametrize(
+    "options",
+    [{"D", "z", "delta_bias", "softplus"}, set(), {"D", "softplus"}, {"z", "delta_bias"}],
+    ids=["all", "bare", "skip-softplus", "gate-bias"],
+)
+def test_cpu_gradcheck_float64(options):
+    # the backward kernel computes the step-size, skip and gate epilogues itself: each one on and off
     x = mamba_inputs(2, 3, 2, 9, dtype=torch.float64)
-    names = list(x)
+    if "softplus" not in options:
+        x["delta"] = torch.nn.functional.softplus(x["delta"])
+    names = [k for k in x if k not in {"D", "z", "delta_bias"} - options]
     tensors = [x[k].requires_grad_() for k in names]
 
     def scan_fn(*args):
-        return selective_scan(**dict(zip(names, args, strict=True)), delta_softplus=True, backend="cpu")
+        kwargs = dict(zip(names, args, strict=True))
+        return selective_scan(**kwargs, delta_softplus="softplus" in options, backend="cpu")
 
     assert torch.autograd.gradcheck(scan_fn, tensors)
 
