@@ -315,6 +315,11 @@ def _launch(batch: int, d_inner: int, length: int, d_state: int) -> int:
     return max(1, min(d_inner, -(-threads // batch)))
 
 
+def _or_empty(u: Tensor, delta_bias: Tensor | None, D: Tensor | None, z: Tensor | None) -> tuple[Tensor, ...]:
+    """The optional inputs as the kernels take them: an absent one is an array of size 0 of its rank."""
+    return tuple(u.new_empty((0,) * rank) if t is None else t for t, rank in ((delta_bias, 1), (D, 1), (z, 3)))
+
+
 def _forward(
     u: Tensor,
     delta: Tensor,
@@ -333,8 +338,7 @@ def _forward(
     y = u.new_empty(batch, d_inner, length)
     ungated = u.new_empty(batch, d_inner, length) if for_backward and z is not None else u.new_empty(0, 0, 0)
     starts = u.new_empty(batch, d_inner, -(-length // TIME_CHUNK) if for_backward else 0, d_state)
-    absent = {1: u.new_empty(0), 3: u.new_empty(0, 0, 0)}
-    bias, skip, gate = (absent[n] if t is None else t for t, n in ((delta_bias, 1), (D, 1), (z, 3)))
+    bias, skip, gate = _or_empty(u, delta_bias, D, z)
     arrays = [t.detach().numpy() for t in (u, delta, bias)]
     arrays += [softplus] + [t.detach().numpy() for t in (A * _LOG2E, B, C, skip, gate, y, ungated, starts)]
     with _LOCK:
@@ -365,8 +369,7 @@ class _SelectiveScan(torch.autograd.Function):
         dB = u.new_empty(groups, batch, d_state, length)
         dC = u.new_empty(groups, batch, d_state, length)
         dD, dbias = u.new_zeros(batch, d_inner), u.new_zeros(batch, d_inner)
-        absent = {1: u.new_empty(0), 3: u.new_empty(0, 0, 0)}
-        bias, skip, gate = (absent[n] if t is None else t for t, n in ((delta_bias, 1), (D, 1), (z, 3)))
+        bias, skip, gate = _or_empty(u, delta_bias, D, z)
         arrays = [t.detach().numpy() for t in (u, delta, bias)] + [ctx.softplus]
         arrays += [t.detach().numpy() for t in (A, A * _LOG2E, B, C, skip, gate, ungated, dy.to(u.dtype).contiguous())]
         arrays += [starts.numpy(), groups, TIME_CHUNK]
