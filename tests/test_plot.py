@@ -52,6 +52,11 @@ def test_curve_and_png(tmp_path):
         assert png.format == "PNG" and png.size == (1000, 400)
         pixels = np.asarray(png.convert("RGB"))
     assert (pixels.std(axis=(0, 1)) > 10).all()  # lines and text drawn, not a blank canvas
+    before = out.read_bytes()
+    with pytest.raises(SystemExit):
+        main([str(runs[0]), "-o", str(out)])  # an existing file is the user's: replaced only when asked
+    assert out.read_bytes() == before
+    assert main([str(runs[0]), "-o", str(out), "--overwrite"]) == 0 and out.read_bytes() != before
 
 
 def test_a_folder_that_is_not_a_run_names_the_missing_file(tmp_path):

@@ -1,6 +1,7 @@
-"""Validation curves of training runs, drawn as one PNG: PSNR against optimiser steps and against CPU-hours.
+"""Validation curves of training runs, drawn as one PNG: PSNR against optimiser steps and against training hours.
 
-    python -m train.plot ~/.cache/algnet/runs/motion ~/.cache/algnet/runs/defocus -o docs/campaign_curves.png
+    python -m train.plot ~/.cache/algnet/runs/motion ~/.cache/algnet/runs/defocus -o curves.png
+    python -m train.plot RUN ... -o docs/campaign_curves.png --overwrite    # replace the card figure
 
 Reads each run's ``val.csv`` (PSNR of the EMA model and of the blurry input, by step) and ``train.csv``. The
 training time of a step comes from the throughput that ``train.csv`` logs (``images_per_s`` over each
@@ -70,7 +71,7 @@ def load_curve(run: Path) -> Curve:
 
 
 def plot(curves: Sequence[Curve], out: Path, title: str) -> None:
-    """Validation PSNR gain over the blurry input against steps (left) and CPU-hours (right)."""
+    """Validation PSNR gain over the blurry input against steps (left) and training hours (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (log.out_dir of python -m train)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--title", default="ALGNet-S validation during training")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"{args.out} exists: choose a new name or pass --overwrite")
     curves = [load_curve(run) for run in args.runs]
     plot(curves, args.out, args.title)
     for c in curves:
