@@ -42,12 +42,18 @@ def _pairs(folder: Path, limit: int) -> list[tuple[str, np.ndarray, np.ndarray]]
     return [(n, read_image(folder / "blur" / n).pages[0], read_image(folder / "sharp" / n).pages[0]) for n in names]
 
 
-def _sharp_pairs(limit: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def sharp_pairs(photos: Sequence[Path], crop: int | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, noisy, sharp) uint8 pairs of the do-no-harm benchmark: each photo (or its centre ``crop`` x
+    ``crop``) with Gaussian noise sigma ``SHARP_NOISE`` and no blur, seeded by its index in ``photos``."""
     pairs = []
-    for i, path in enumerate(sorted((SHARED_DATA / "natural" / "cbsd68").glob("*.png"))[:limit]):
+    for i, path in enumerate(photos):
         sharp = read_image(path).pages[0]
+        if crop is not None:
+            y, x = (sharp.shape[0] - crop) // 2, (sharp.shape[1] - crop) // 2
+            sharp = sharp[y : y + crop, x : x + crop]
         noise = np.random.default_rng([7, i]).standard_normal(sharp.shape) * SHARP_NOISE * 255
-        pairs.append((path.name, np.clip(np.round(sharp + noise), 0, 255).astype(np.uint8), sharp))
+        noisy = np.clip(np.round(sharp + noise), 0, 255).astype(np.uint8)
+        pairs.append((f"{path.parent.name}/{path.name}", noisy, sharp))
     return pairs
 
 
@@ -57,7 +63,7 @@ def load_benchmark(name: str, limit: int, scratch: Path) -> list[tuple[str, np.n
         make_benchmark(name, scratch / name)
         return _pairs(scratch / name, limit)
     if name == "sharp":
-        return _sharp_pairs(limit)
+        return sharp_pairs(sorted((SHARED_DATA / "natural" / "cbsd68").glob("*.png"))[:limit])
     return _pairs(SHARED_DATA / {"gopro": "gopro", "realblur": "realblur_crop"}[name], limit)
 
 
