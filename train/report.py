@@ -31,6 +31,7 @@ from algnet_core.imageio import read_image
 from algnet_core.metrics import psnr
 
 from .benchmark import SHARED_DATA, make_benchmark
+from .data import centre_crop
 
 UNSHARP_GRID = [(r, a) for r in (1, 2, 3) for a in (0.5, 1.0, 1.5)]
 SHARP_NOISE = 0.005
@@ -47,10 +48,7 @@ def sharp_pairs(photos: Sequence[Path], crop: int | None = None) -> list[tuple[s
     ``crop``) with Gaussian noise sigma ``SHARP_NOISE`` and no blur, seeded by its index in ``photos``."""
     pairs = []
     for i, path in enumerate(photos):
-        sharp = read_image(path).pages[0]
-        if crop is not None:
-            y, x = (sharp.shape[0] - crop) // 2, (sharp.shape[1] - crop) // 2
-            sharp = sharp[y : y + crop, x : x + crop]
+        sharp = centre_crop(read_image(path).pages[0], crop)
         noise = np.random.default_rng([7, i]).standard_normal(sharp.shape) * SHARP_NOISE * 255
         noisy = np.clip(np.round(sharp + noise), 0, 255).astype(np.uint8)
         pairs.append((f"{path.parent.name}/{path.name}", noisy, sharp))
