@@ -148,6 +148,21 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(photos: Path, tmp_path: Path)
     assert loss() < before - 1e-3
 
 
+def test_cpu_precision_bf16_autocasts_the_step_and_rejects_unknown_names(photos: Path, tmp_path: Path) -> None:
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(tiny_config(photos, tmp_path / precision, cpu_precision=precision))
+        blur, sharp = (torch.stack(t) for t in zip(trainer.train_set[(0, 0)], trainer.train_set[(0, 1)], strict=True))
+        with torch.no_grad():
+            fp32 = trainer.criterion(trainer.model(blur, return_all_scales=True), sharp).item()
+        losses[precision] = (trainer.train_step(blur, sharp)["loss"], fp32)
+    assert losses["fp32"][0] == pytest.approx(losses["fp32"][1], rel=1e-6)  # no autocast at all
+    bf16, fp32 = losses["bf16"]
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)  # bfloat16 activations: close, not equal
+    with pytest.raises(ValueError, match="run.cpu_precision='fp16'"):
+        Trainer(tiny_config(photos, tmp_path / "fp16", cpu_precision="fp16"))
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(photos: Path, tmp_path: Path) -> None:
     straight = Trainer(tiny_config(photos, tmp_path / "a"))
     straight.fit()

@@ -63,12 +63,14 @@ class LossConfig:
 @dataclass
 class RunConfig:
     """``batch``: global batch (per process = batch / world size); ``precision``: bf16/fp16/fp32 autocast
-    on CUDA (CPU always runs fp32); ``ema_decay``: None for no EMA of the weights; ``init``: a training
+    on CUDA; ``cpu_precision``: bf16/fp32 on CPU (one config serves a CPU campaign and a GPU stretch, and
+    the two want different precisions); ``ema_decay``: None for no EMA of the weights; ``init``: a training
     checkpoint whose weights this run starts from (fine-tuning; optimiser and schedule start afresh)."""
 
     steps: int = 300_000
     batch: int = 32
     precision: str = "bf16"
+    cpu_precision: str = "fp32"
     ema_decay: float | None = None
     seed: int = 0
     init: str | None = None

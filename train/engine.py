@@ -35,13 +35,24 @@ from tqdm import tqdm
 
 from algnet_core import ALGNet, metrics
 
-from .config import Config
+from .config import Config, RunConfig
 from .data import EpochSampler, Flips, build_dataset
 from .losses import MultiScaleLoss
 
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training and validation on ``device`` (None: float32): ``run.precision`` on
+    CUDA, ``run.cpu_precision`` elsewhere (bf16 or fp32; CPU autocast has no float16 path worth having)."""
+    cuda = device.type == "cuda"
+    name, allowed = (run.precision, ("bf16", "fp16", "fp32")) if cuda else (run.cpu_precision, ("bf16", "fp32"))
+    if name not in allowed:
+        key = "run.precision" if cuda else "run.cpu_precision"
+        raise ValueError(f"{key}={name!r}: expected one of {', '.join(allowed)}")
+    return AUTOCAST_DTYPES.get(name)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -180,7 +191,7 @@ class Trainer:
             self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        self.autocast = AUTOCAST_DTYPES.get(cfg.run.precision) if self.device.type == "cuda" else None
+        self.autocast = autocast_dtype(cfg.run, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast is torch.float16)
         self.criterion = MultiScaleLoss(cfg.loss.eps, cfg.loss.edge_weight, cfg.loss.freq_weight)
         self.step, self.best_psnr = 0, -math.inf
