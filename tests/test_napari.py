@@ -267,6 +267,23 @@ def test_rerun_replaces_the_previous_output(docked, qtbot, active_dir):
     assert [layer.name for layer in viewer.layers] == ["a", "b", "b [ALGNet tiny]", "a [ALGNet tiny]"]
 
 
+def test_a_folder_saved_again_in_place_is_loaded_afresh(docked, qtbot, tmp_path):
+    """A model folder re-exported (or fine-tuned into) while napari stays open: the next run uses its new
+    weights, as ``deblur`` does, not the copy the widget loaded before."""
+    viewer, widget = docked
+    image = np.random.default_rng(2).random((32, 32), dtype=np.float32)
+    viewer.add_image(image, name="photo")
+    widget.blur.value = CUSTOM
+    widget.model.value = str(tmp_path / "model")
+    outputs = []
+    for seed in (0, 1):
+        active_tiny(seed).save_pretrained(tmp_path / "model")
+        run_widget(qtbot, widget)
+        outputs.append(viewer.layers["photo [ALGNet model]"].data)
+        np.testing.assert_array_equal(outputs[-1], deblur(image, active_tiny(seed)))
+    assert np.abs(outputs[0] - outputs[1]).mean() > 1e-3
+
+
 def test_current_plane_sits_at_that_plane_and_leaves_the_input_in_place(docked, qtbot, active_dir):
     viewer, widget = docked
     stack = np.random.default_rng(4).random((5, 32, 32), dtype=np.float32)

@@ -29,7 +29,7 @@ from superqt.utils import FunctionWorker, ensure_main_thread
 import algnet_core
 from algnet_core import ALGNet, DeblurCancelled
 from algnet_core.hub import loads_offline
-from algnet_core.inference import DEFAULT_PERCENTILES, NORMALIZE_MODES
+from algnet_core.inference import DEFAULT_PERCENTILES, NORMALIZE_MODES, weights_stamp
 
 from ._compute import LayerDataTuple, deblur_layer, leading_shape, model_label
 from ._finetuned import FINETUNED, on_finetuned
@@ -116,7 +116,7 @@ class DeblurWidget(Container):
         """The running napari thread worker, or None when idle."""
         self._cancel = threading.Event()
         self._pbar: progress | None = None
-        self._cached: tuple[tuple[str, str], ALGNet] | None = None
+        self._cached: tuple[tuple[str, str, tuple], ALGNet] | None = None
         self._blur.changed.connect(lambda value: setattr(self._custom, "visible", value == CUSTOM))
         self._normalize.changed.connect(self._update_percentiles)
         self._image.changed.connect(self._update_planes)
@@ -218,11 +218,12 @@ class DeblurWidget(Container):
         """Worker body: the output LayerDataTuple; a failure or a cancel raises (the ``errored`` signal).
 
         The model is loaded here, off the GUI thread, so that fetching weights does not freeze napari;
-        the last one loaded is reused while blur type and device stay the same. torch runs with the GUI
-        thread's intra-op ``threads``: a pooled worker thread keeps the count it had when it was created.
+        the last one loaded is reused while blur type, device and (for a folder) its weight files stay the same,
+        as in ``algnet_core.deblur``'s own cache. torch runs with the GUI thread's intra-op ``threads``: a
+        pooled worker thread keeps the count it had when it was created.
         """
         torch.set_num_threads(threads)
-        key = (spec, params["device"])
+        key = (spec, params["device"], weights_stamp(spec))
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, algnet_core.load_model(spec, device=params["device"]))
         self._on_progress(0, 0)
