@@ -10,6 +10,8 @@ PNGs and JPEGs through Pillow, TIFFs through ``tifffile``. BMP and WebP files (:
 What a file holds beyond its pixels is kept when the stack is written back in the same format
 (:attr:`Stack.metadata`):
 
+* PNG: the colour space (gAMA, cHRM, sRGB, iCCP), significant bits (sBIT: 12-bit data in a 16-bit PNG stays
+  as stored), background, pixel size (pHYs), text and EXIF chunks, unchanged.
 * JPEG: the EXIF block (orientation included) and ICC profile, unchanged, and the chroma subsampling; the
   pixels stay in the stored orientation, so the output displays like the input. CMYK JPEGs stay CMYK.
 * TIFF: the photometric interpretation (grey, white-is-zero, RGB, CMYK), extra samples (alpha), planar
@@ -24,6 +26,7 @@ Pillow's decompression-bomb guard).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -53,6 +56,10 @@ KEPT_PHOTOMETRIC = ("MINISBLACK", "MINISWHITE", "RGB", "SEPARATED")
 _ALPHA = (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
 _IMAGEJ_COUNTS = ("ImageJ", "images", "channels", "slices", "frames", "hyperstack")
 """ImageJ description entries that tifffile computes when writing."""
+_PNG_LAYOUT_CHUNKS = (b"sBIT", b"bKGD")
+_PNG_KEPT_CHUNKS = (b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"pHYs", b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"sBIT", b"bKGD")
+"""The ancillary PNG chunks written back: colour space, significant bits, background, pixel size, text, EXIF
+(not tIME, the time of the last change, nor a palette's chunks, as palettes are expanded)."""
 _DECODER_ERRORS = (
     OSError,
     ValueError,
@@ -87,7 +94,8 @@ class Stack:
     format: str | None = None
     """``"png"``, ``"jpeg"`` or ``"tiff"`` for a stack read from a file, else None."""
     metadata: Mapping[str, Any] = field(default_factory=dict)
-    """Writer keyword arguments (Pillow's for JPEG, ``tifffile.imwrite``'s for TIFF) keeping the file's layout."""
+    """What keeps the file's layout: writer keyword arguments (Pillow's for JPEG, ``tifffile.imwrite``'s for
+    TIFF), a PNG's ancillary chunks, bit depth and colour type."""
 
     def with_pages(self, pages: np.ndarray) -> Stack:
         """The same file layout and metadata holding new pages of the same shape and dtype."""
@@ -103,22 +111,29 @@ def format_of(path: str | Path) -> str | None:
     return next((name for name, suffixes in formats.items() if suffix in suffixes), None)
 
 
-def _read_png(path: Path) -> np.ndarray:
-    with open(path, "rb") as file:
-        depth = file.read(25)[24:]  # IHDR, always the first chunk: bit depth at byte 24
-    with Image.open(path) as img:  # reads the header chunks only
-        if depth == b"\x08" and img.mode in ("L", "LA", "RGB", "RGBA") and "transparency" not in img.info:
-            return np.array(img)
-    width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+def _read_png(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The pixels as stored (palette and colour key expanded, an ``sBIT`` chunk not applied) and the
+    ancillary chunks that :func:`_write_png` writes back, with the file's bit depth and colour type."""
+    raw = path.read_bytes()
+    chunks = list(png.Reader(bytes=raw).chunks())
+    header = chunks[0][1]  # IHDR, always the first chunk: bit depth at byte 8, colour type at 9
+    keep = {"chunks": [(k, d) for k, d in chunks if k in _PNG_KEPT_CHUNKS], "layout": header[8:10]}
+    with Image.open(io.BytesIO(raw)) as img:  # reads the header chunks only
+        if header[8] == 8 and img.mode in ("L", "LA", "RGB", "RGBA") and "transparency" not in img.info:
+            return np.array(img), keep
+    reader = png.Reader(bytes=raw)
+    reader.preamble()
+    reader.sbit = None  # asDirect would scale the values down to sBIT's depth (12-bit data in 16 bits: / 16)
+    width, height, rows, info = reader.asDirect()
     depth, planes = info["bitdepth"], info["planes"]
     data = np.vstack([np.asarray(row, dtype=np.uint16 if depth > 8 else np.uint8) for row in rows])
     if depth < 8:  # 1, 2 or 4-bit grey: stretch to 8 bits
         data = (data * (255 // (2**depth - 1))).astype(np.uint8)
     data = data.reshape(height, width, planes)
-    return data[..., 0] if planes == 1 else data
+    return (data[..., 0] if planes == 1 else data), keep
 
 
-def _write_png(file, image: np.ndarray) -> None:
+def _write_png(file, image: np.ndarray, keep: Mapping[str, Any]) -> None:
     planes = 1 if image.ndim == 2 else image.shape[2]
     if image.dtype not in (np.uint8, np.uint16) or planes not in (1, 2, 3, 4):
         raise ValueError(f"PNG stores 1 to 4 channels of uint8 or uint16, not {image.shape} {image.dtype}")
@@ -129,7 +144,14 @@ def _write_png(file, image: np.ndarray) -> None:
         alpha=planes in (2, 4),
         bitdepth=8 * image.dtype.itemsize,
     )
-    writer.write(file, image.reshape(image.shape[0], -1))
+    encoded = io.BytesIO()
+    writer.write(encoded, image.reshape(image.shape[0], -1))
+    chunks = list(png.Reader(bytes=encoded.getvalue()).chunks())
+    # sBIT and bKGD depend on bit depth and colour type: kept where these are the file's (not for an expanded
+    # palette or low-bit grey stretched to 8 bits)
+    same_layout = keep.get("layout") == chunks[0][1][8:10]
+    kept = [(k, d) for k, d in keep.get("chunks", ()) if same_layout or k not in _PNG_LAYOUT_CHUNKS]
+    png.write_chunks(file, [chunks[0], *kept, *chunks[1:]])
 
 
 def _read_jpeg(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -203,7 +225,7 @@ def read_image(path: str | Path) -> Stack:
             if kind == "jpeg":
                 data, keep = _read_jpeg(path)
             else:
-                data = _read_png(path) if kind == "png" else iio.imread(path)
+                data, keep = _read_png(path) if kind == "png" else (iio.imread(path), {})
             channels_last = data.ndim == 3
             cmyk = keep.get("mode") == "CMYK"
             alpha = channels_last and not cmyk and data.shape[2] in (2, 4)
@@ -269,7 +291,7 @@ def write_image(path: str | Path, stack: Stack, overwrite: bool = False) -> None
         with open(tmp, "xb") as file:
             try:
                 if kind == "png":
-                    _write_png(file, stack.pages[0])
+                    _write_png(file, stack.pages[0], keep)
                 elif kind == "jpeg":
                     _write_jpeg(file, stack.pages[0], keep)
                 else:

@@ -342,7 +342,7 @@ def test_sigterm_during_a_write_leaves_no_partial_file(identity_dir, tmp_path) -
         import os, signal, sys, time
         from algnet_core import cli, imageio
 
-        def write_then_terminate(file, image):
+        def write_then_terminate(file, image, keep):
             file.write(b"half a PNG")
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(60)  # a handler that raises interrupts the sleep

@@ -1,11 +1,14 @@
-"""Image files keep what they hold beyond pixels (TIFF layout and metadata, JPEG EXIF and CMYK), or are refused
-naming the file; a file that cannot be decoded is named in the error, whatever the decoder raised."""
+"""Image files keep what they hold beyond pixels (TIFF layout and metadata, JPEG EXIF and CMYK, PNG chunks), or
+are refused naming the file; a file that cannot be decoded is named in the error, whatever the decoder raised."""
 
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 
 import numpy as np
+import png
 import pytest
 import tifffile
 from PIL import Image, ImageOps, JpegImagePlugin
@@ -101,6 +104,48 @@ def test_jpeg_keeps_exif_orientation_icc_and_subsampling(tmp_path) -> None:
         assert after.info["icc_profile"] == icc
         assert JpegImagePlugin.get_sampling(after) == 0  # 4:4:4 as the input, not Pillow's default 4:2:0
         assert ImageOps.exif_transpose(after).size == ImageOps.exif_transpose(before).size == (32, 40)
+
+
+def _png_with(path: Path, image: np.ndarray, extra: list[tuple[bytes, bytes]], **writer: object) -> None:
+    """Write ``image`` with pypng (``writer`` arguments) and the chunks ``extra`` right after IHDR."""
+    encoded = io.BytesIO()
+    png.Writer(image.shape[1], image.shape[0], **writer).write(encoded, image.reshape(image.shape[0], -1))
+    chunks = list(png.Reader(bytes=encoded.getvalue()).chunks())
+    with open(path, "wb") as file:
+        png.write_chunks(file, [chunks[0], *extra, *chunks[1:]])
+
+
+def _chunks(path: Path, kinds: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
+    return [(kind, data) for kind, data in png.Reader(filename=str(path)).chunks() if kind in kinds]
+
+
+def test_png_keeps_its_stored_values_and_ancillary_chunks(tmp_path) -> None:
+    """12-bit camera data in a 16-bit PNG, as the PNG spec stores it (values << 4, sBIT 12): read as stored,
+    not divided by 16 (pypng's direct decoding applies sBIT); pixel size, text and gamma come back too."""
+    values = (RNG.integers(0, 4096, (20, 24)) << 4).astype(np.uint16)
+    extra = [
+        (b"gAMA", struct.pack(">I", 45455)),
+        (b"sBIT", bytes([12])),
+        (b"pHYs", struct.pack(">IIB", 11811, 11811, 1)),  # 300 dpi
+        (b"tEXt", b"Comment\0objective 40x, exposure 20 ms"),
+    ]
+    _png_with(tmp_path / "in.png", values, extra, greyscale=True, bitdepth=16)
+    stack = _round_trip(tmp_path / "in.png", tmp_path / "out.png")
+    assert stack.pages.dtype == np.uint16 and np.array_equal(stack.pages[0], values)
+    kinds = (b"gAMA", b"sBIT", b"pHYs", b"tEXt", b"tIME")
+    assert _chunks(tmp_path / "out.png", kinds) == extra
+    assert np.array_equal(read_image(tmp_path / "out.png").pages[0], values)
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.info["Comment"] == "objective 40x, exposure 20 ms" and round(out.info["dpi"][0]) == 300
+
+    # a palette PNG is written back as RGB: a palette's background index and significant bits do not apply
+    palette = [(0, 0, 0), (255, 128, 0), (10, 200, 90)]
+    indices = RNG.integers(0, 3, (20, 24)).astype(np.uint8)
+    extra = [(b"sBIT", bytes([8, 8, 8])), (b"bKGD", bytes([1])), (b"pHYs", struct.pack(">IIB", 5000, 5000, 1))]
+    _png_with(tmp_path / "palette.png", indices, extra, palette=palette, bitdepth=8)
+    stack = _round_trip(tmp_path / "palette.png", tmp_path / "palette_out.png")
+    assert np.array_equal(stack.pages[0], np.array(palette, np.uint8)[indices])
+    assert _chunks(tmp_path / "palette_out.png", (b"sBIT", b"bKGD", b"pHYs", b"PLTE")) == extra[2:]
 
 
 def test_cmyk_jpeg_stays_cmyk(tmp_path) -> None:
