@@ -78,7 +78,8 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def collect_inputs(items: Sequence[str]) -> list[Path]:
-    """Image files named by ``items``: files, folders (their images, not recursive) and glob patterns."""
+    """Image files named by ``items``: files, folders (their images, not recursive) and glob patterns, as absolute
+    paths under the names given (a symbolic link keeps its own name)."""
     found: list[Path] = []
     for item in items:
         path = Path(item)
@@ -90,10 +91,12 @@ def collect_inputs(items: Sequence[str]) -> list[Path]:
             found += sorted(Path(p) for p in glob.glob(item) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
         else:
             raise FileNotFoundError(f"no such file or folder: {item}")
-    unique = list(dict.fromkeys(p.resolve() for p in found))
+    unique: dict[Path, Path] = {}  # a file named twice (or through a link) once, under the name it was given first
+    for path in found:
+        unique.setdefault(path.resolve(), path.absolute())
     if not unique:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(items)}")
-    return unique
+    return list(unique.values())
 
 
 def plan_outputs(inputs: list[Path], out_dir: Path, overwrite: bool) -> list[Path]:
@@ -103,7 +106,7 @@ def plan_outputs(inputs: list[Path], out_dir: Path, overwrite: bool) -> list[Pat
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise FileExistsError(f"several inputs would write the same output name: {', '.join(clashes)}")
-    sources = set(inputs)
+    sources = {p.resolve() for p in inputs}
     for target in targets:
         if target in sources:
             raise FileExistsError(f"{target} is an input; choose another output folder")

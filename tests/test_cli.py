@@ -114,6 +114,22 @@ def test_deblur_globs_and_sample(identity_dir, tmp_path) -> None:
     assert SAMPLE_IMAGE.stat().st_size < 300_000 and sample.shape == (1, 256, 256, 3)
 
 
+def test_linked_inputs_keep_the_links_names(identity_dir, tmp_path) -> None:
+    """A symbolic link is written under its own name (not its target's); a file named twice is deblurred once;
+    an output that is a link to an input is refused even with --overwrite."""
+    _write_inputs(tmp_path / "in")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "holiday.png").symlink_to(tmp_path / "in" / "rgba8.png")
+    items = [str(tmp_path / "links"), str(tmp_path / "in" / "rgba8.png"), str(tmp_path / "in" / "grey8.png")]
+    assert main(["deblur", *items, "-o", str(tmp_path / "out"), "--model", str(identity_dir)]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["grey8.png", "holiday.png"]
+    assert np.array_equal(read_image(tmp_path / "out" / "holiday.png").pages, PAGES["rgba8.png"])
+    (tmp_path / "out" / "rgba8.png").symlink_to(tmp_path / "in" / "rgba8.png")
+    item = str(tmp_path / "in" / "rgba8.png")
+    assert main(["deblur", item, "-o", str(tmp_path / "out"), "--model", str(identity_dir), "--overwrite"]) == 1
+    assert np.array_equal(read_image(tmp_path / "in" / "rgba8.png").pages, PAGES["rgba8.png"])
+
+
 def test_missing_input_is_an_error(tmp_path, capsys) -> None:
     assert main(["deblur", str(tmp_path / "nothing.png"), "-o", str(tmp_path / "out")]) == 1
     assert "no such file" in capsys.readouterr().err
