@@ -15,10 +15,10 @@ What a file holds beyond its pixels is kept when the stack is written back in th
 * JPEG: the EXIF block (orientation included) and ICC profile, unchanged, and the chroma subsampling; the
   pixels stay in the stored orientation, so the output displays like the input. CMYK JPEGs stay CMYK.
 * TIFF: the photometric interpretation (grey, white-is-zero, RGB, CMYK), extra samples (alpha), planar
-  configuration, resolution and its unit, ImageJ metadata (axes, spacing, unit, ranges, labels ...), OME-XML
-  or tifffile's shaped metadata (axes), and compression (lossless deflate if the input was compressed).
-  Files that cannot be kept are refused, naming the problem: more than one image series (e.g. a thumbnail),
-  pyramids, palette and other colour spaces.
+  configuration, resolution and its unit, ImageJ metadata (axes, spacing, unit, ranges, labels ...), OME-XML,
+  tifffile's shaped metadata (axes) or a plain file's own description, the software tag, and compression
+  (lossless deflate if the input was compressed). Files that cannot be kept are refused, naming the problem:
+  more than one image series (e.g. a thumbnail), pyramids, palette and other colour spaces.
 
 Errors name the file: :class:`ImageFileError`, whatever the decoder raised (truncated files, bad chunks,
 Pillow's decompression-bomb guard).
@@ -199,9 +199,12 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, bool, bool, dict[str, Any]]:
             keep |= {"imagej": True, "metadata": {**ij, "axes": axes}}
         elif tif.is_ome:
             keep |= {"description": page.description, "metadata": None}
-        else:
-            shaped = {k: v for k, v in (tif.shaped_metadata or [{}])[0].items() if k != "shape"}
+        elif tif.is_shaped:
+            shaped = {k: v for k, v in tif.shaped_metadata[0].items() if k != "shape"}
             keep["metadata"] = shaped if "Q" in axes else {**shaped, "axes": axes}
+        else:  # a plain TIFF: its own description (often acquisition notes), if any
+            keep |= {"description": page.description or None, "metadata": None}
+        keep["software"] = page.software or None
         alpha = len(page.extrasamples) == 1 and page.extrasamples[0] in _ALPHA
         return data, "S" in axes, alpha, keep
 

@@ -51,7 +51,7 @@ def test_imagej_hyperstack_keeps_axes_resolution_and_metadata(tmp_path) -> None:
         assert np.array_equal(tif.asarray(), data)
 
 
-def test_ome_and_shaped_tiffs_keep_their_axes(tmp_path) -> None:
+def test_ome_shaped_and_plain_tiffs_keep_their_axes_and_description(tmp_path) -> None:
     data = RNG.random((3, 20, 24)).astype(np.float32)
     tifffile.imwrite(tmp_path / "in.ome.tif", data, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.25})
     tifffile.imwrite(tmp_path / "shaped.tif", data, photometric="minisblack", metadata={"axes": "TYX", "note": "kept"})
@@ -61,6 +61,12 @@ def test_ome_and_shaped_tiffs_keep_their_axes(tmp_path) -> None:
         assert tif.is_ome and tif.series[0].axes == "ZYX" and 'PhysicalSizeX="0.25"' in tif.ome_metadata
     with tifffile.TiffFile(tmp_path / "out.tif") as tif:
         assert tif.series[0].axes == "TYX" and tif.shaped_metadata[0]["note"] == "kept"
+    # a plain TIFF (not written by tifffile) keeps its own description and software tag
+    tifffile.imwrite(tmp_path / "plain.tif", data, description="exposure 20 ms", software="scope", metadata=None)
+    _round_trip(tmp_path / "plain.tif", tmp_path / "out_plain.tif")
+    with tifffile.TiffFile(tmp_path / "out_plain.tif") as tif:
+        page = tif.pages[0]
+        assert (page.description, page.software, tif.series[0].shape) == ("exposure 20 ms", "scope", data.shape)
 
 
 def test_planar_rgba_tiff_reads_channels_last_and_is_written_planar(tmp_path) -> None:
