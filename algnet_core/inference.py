@@ -553,6 +553,21 @@ def _deblur_block(
     return out
 
 
+def _merge_small(sizes: tuple[int, ...], minimum: int) -> tuple[int, ...]:
+    """Chunk sizes along one axis with every chunk of at least ``minimum`` (merged into a neighbour), so that
+    no chunk, the edge remainder of a regular chunking included, is smaller than one network tile."""
+    merged: list[int] = []
+    for size in sizes:
+        if merged and merged[-1] < minimum:
+            merged[-1] += size
+        else:
+            merged.append(size)
+    if len(merged) > 1 and merged[-1] < minimum:
+        last = merged.pop()
+        merged[-1] += last
+    return tuple(merged)
+
+
 def deblur_dask(
     image: Any,
     model: str | os.PathLike | ALGNet,
@@ -567,9 +582,11 @@ def deblur_dask(
     dtype = np.dtype(image.dtype).newbyteorder("=")
     _check_dtype(dtype)
     _check_pages(image, pages)
-    channels = image.ndim - pages == 3
-    if channels:
-        image = image.rechunk({image.ndim - 1: -1})
+    chunks = {axis: _merge_small(image.chunks[axis], MULTIPLE) for axis in (pages, pages + 1)}
+    if image.ndim - pages == 3:
+        chunks[image.ndim - 1] = (image.shape[-1],)  # channels whole
+    if any(image.chunks[axis] != sizes for axis, sizes in chunks.items()):
+        image = image.rechunk(chunks)
     if mapping is None:
         mapping = stack_mapping(image, pages, options["normalize"], options["percentiles"])
     overlap = options["overlap"]

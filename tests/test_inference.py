@@ -172,6 +172,19 @@ def test_dask_array_is_lazy_and_matches_numpy(identity) -> None:
     assert len(calls) > 1
 
 
+def test_dask_chunks_smaller_than_a_tile_are_merged(identity) -> None:
+    """A 40x50 image in 36x45 chunks: the edge chunks are 4 and 5 px, under one network tile (16 px); with no
+    overlap they used to reach the network alone ("the image is 4x5 pixels")."""
+    image = (RNG.random((40, 50)) * 255).astype(np.uint8)
+    lazy = deblur(da.from_array(image, chunks=(36, 45)), identity, tile=None, overlap=0)
+    assert lazy.chunks == ((40,), (50,))
+    assert np.array_equal(lazy.compute(scheduler="synchronous"), image)
+    stack = deblur(da.from_array(np.stack([image] * 3), chunks=(1, 8, 16)), identity, overlap=0, pages=1)
+    assert stack.chunks == ((1, 1, 1), (16, 24), (16, 16, 18)) and np.array_equal(
+        stack.compute(), np.stack([image] * 3)
+    )
+
+
 def smooth(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """A smooth random float64 image in [0, 1] of ``shape`` (HxW or HxWxC): bicubic upsampling of 8x8 noise."""
     h, w, *c = shape
