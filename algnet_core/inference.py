@@ -438,11 +438,15 @@ def value_mapping(
 
 
 def _numpy_dtype(image: np.ndarray | Tensor) -> np.dtype:
+    """The image's dtype in numpy's terms (bfloat16, which numpy lacks: float32, for its values' mapping)."""
     if isinstance(image, Tensor):
-        if image.dtype == torch.uint16:
-            return np.dtype(np.uint16)
-        return torch.empty(0, dtype=image.dtype).numpy().dtype
+        return _to_numpy(torch.empty(0, dtype=image.dtype)).dtype
     return image.dtype.newbyteorder("=")
+
+
+def _to_numpy(tensor: Tensor) -> np.ndarray:
+    """A CPU tensor as numpy (bfloat16, which numpy lacks, as float32)."""
+    return tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
 
 
 def _check_dtype(dtype: np.dtype) -> None:
@@ -477,7 +481,7 @@ def _deblur_array(
         raise ValueError(f"the image has {bad} NaN or Inf values; replace them first (e.g. np.nan_to_num)")
     channels = planes.shape[-1]
     color = (planes[..., :3] if channels in (3, 4) else planes).to("cpu")
-    lo, hi, clip_lo, clip_hi = mapping or value_mapping(color.numpy(), dtype, normalize, percentiles)
+    lo, hi, clip_lo, clip_hi = mapping or value_mapping(_to_numpy(color), dtype, normalize, percentiles)
     scale = (hi - lo) or 1.0
     norm = ((color.double() - lo) / scale).float().permute(2, 0, 1)  # (c, h, w), mapped in float64
     batch = norm[None] if channels in (3, 4) else norm[:, None].expand(-1, 3, -1, -1)
@@ -505,7 +509,7 @@ def stack_mapping(
     rgb = image.ndim - pages == 3 and image.shape[-1] in (3, 4)
     colour = image[..., :3] if rgb else image
     if isinstance(colour, Tensor):
-        colour = colour.detach().cpu().numpy()
+        colour = _to_numpy(colour.detach().cpu())
     return value_mapping(colour, dtype.newbyteorder("="), normalize, percentiles)
 
 

@@ -43,6 +43,7 @@ INPUTS = {
     "float64 HxW in -5..300": RNG.random((32, 40)) * 305 - 5,
     "torch uint8 HxWx3": torch.from_numpy((RNG.random((32, 40, 3)) * 255).astype(np.uint8)),
     "torch float32 HxW": torch.from_numpy(RNG.random((32, 40)).astype(np.float32)),
+    "torch bfloat16 HxWx3": torch.from_numpy(RNG.random((32, 40, 3)).astype(np.float32)).bfloat16(),  # numpy has none
     "torch uint16 HxWx3": torch.from_numpy((RNG.random((32, 40, 3)) * 65535).astype(np.int32)).to(torch.uint16),
 }
 
