@@ -113,6 +113,7 @@ def snapshot(layer: Image) -> dict:
         "visible": layer.visible,
         "opacity": layer.opacity,
         "blending": str(layer.blending),
+        "gamma": layer.gamma,
         "colormap": layer.colormap.name,
         "units": tuple(str(unit) for unit in layer.units),
         "axis_labels": tuple(layer.axis_labels),
@@ -307,7 +308,8 @@ def test_every_kind_of_run_leaves_the_input_layer_as_it_was(docked, qtbot, monke
     gate = threading.Event()
     model = blocking_model(gate, fail=kind == "failed") if kind in ("cancelled", "failed") else active_tiny()
     use_model(monkeypatch, model)
-    placement = {"opacity": 0.7, "blending": "additive", "metadata": {"experiment": {"id": 7}, "tags": ["a"]}}
+    metadata = {"experiment": {"id": 7}, "tags": ["a"]}
+    placement = {"opacity": 0.7, "blending": "additive", "gamma": 0.6, "metadata": metadata}
     if kind == "2d":
         data = np.random.default_rng(5).integers(0, 4096, (40, 56), dtype=np.uint16)
         placement |= {"rotate": 30, "shear": [0.2], "affine": [[1, 0, 5], [0, 2, -4], [0, 0, 1]]}
@@ -342,6 +344,7 @@ def test_every_kind_of_run_leaves_the_input_layer_as_it_was(docked, qtbot, monke
         assert widget.status.value == ("cancelled: no layer added" if kind == "cancelled" else failed)
         return
     out = viewer.layers[-1]
+    assert (out.gamma, out.opacity, str(out.blending)) == (0.6, 0.7, "additive")  # displayed as the input is
     for name in ("scale", "rotate", "shear"):
         np.testing.assert_allclose(getattr(out, name), getattr(layer, name), atol=1e-12)
     np.testing.assert_allclose(out.affine.affine_matrix, layer.affine.affine_matrix)

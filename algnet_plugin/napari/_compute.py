@@ -61,8 +61,8 @@ def deblur_layer(
     each one as its own image (``normalize`` and ``percentiles`` as in ``algnet_core.deblur``, per plane).
     ``progress(done, total)`` counts the engine's steps (ALGBlocks run) over all planes; ``cancel()`` returning
     True raises ``algnet_core.DeblurCancelled`` within one ALGBlock. Returns ``(data, add_image kwargs, "image")`` with
-    the input's placement (scale, translate, rotate, shear, affine, units, axis labels), rgb flag, contrast
-    limits and colormap, and the provenance under ``metadata["algnet"]``.
+    the input's placement (scale, translate, rotate, shear, affine, units, axis labels), rgb flag, display
+    (contrast limits, gamma, colormap, opacity, blending), and the provenance under ``metadata["algnet"]``.
     """
     if not isinstance(layer, Image):
         raise TypeError(f"ALGNet deblurs image layers; {layer.name!r} is a {type(layer).__name__} layer")
@@ -124,6 +124,9 @@ def deblur_layer(
         "axis_labels": tuple(layer.axis_labels),
         "rgb": layer.rgb,
         "contrast_limits": list(layer.contrast_limits),
+        "gamma": layer.gamma,
+        "opacity": layer.opacity,
+        "blending": str(layer.blending),
         "metadata": {"algnet": metadata},
     }
     if not layer.rgb:
