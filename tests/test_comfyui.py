@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from safetensors.torch import save_file
 
-from algnet_core import ALGNet, WeightsError, deblur_tensor, hub, list_models, scan
+from algnet_core import ALGNet, WeightsError, deblur, deblur_tensor, hub, list_models, scan
 from algnet_core import inference as core_inference
 from algnet_core.inference import BYTES_PER_PIXEL_PER_WIDTH, MIN_AUTO_TILE
 from algnet_plugin.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
@@ -167,6 +167,18 @@ def test_deblur_node_tiles_large_images_to_full_size(tiny_model: ALGNet) -> None
     assert 0 <= out.min() and out.max() <= 1
 
 
+def test_deblur_node_runs_grey_images_as_the_core_does(tiny_model: ALGNet) -> None:
+    """A one-channel IMAGE (some custom nodes make them) comes back one-channel: ``algnet_core.deblur`` of the
+    grey image (run as grey RGB, the three outputs averaged)."""
+    image = torch.rand(2, 24, 32, 1)
+    (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=0, overlap=0)
+    assert out.shape == image.shape and out.dtype == torch.float32
+    for one, restored in zip(image, out, strict=True):
+        expected = deblur(one[..., 0].numpy(), tiny_model, tile=None, overlap=0)
+        torch.testing.assert_close(restored[..., 0], torch.from_numpy(expected), atol=1e-5, rtol=0)
+    assert (out - image).abs().mean() > 1e-3  # restored, not passed through
+
+
 def test_deblur_node_keeps_alpha(tiny_model: ALGNet) -> None:
     image = torch.rand(1, 20, 24, 4)
     (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=0, overlap=0)
@@ -181,7 +193,7 @@ def test_deblur_node_rejects_one_pixel_strips(tiny_model: ALGNet, shape: tuple[i
 
 
 def test_deblur_node_rejects_channels_first_tensors(tiny_model: ALGNet) -> None:
-    with pytest.raises(ValueError, match=r"\[B, H, W, 3 or 4\]"):
+    with pytest.raises(ValueError, match=r"\[B, H, W, 1, 3 or 4\]"):
         ALGNetDeblur().deblur(torch.rand(1, 3, 32, 32), tiny_model, tile=0, overlap=0)
 
 

@@ -204,13 +204,14 @@ class ALGNetDeblur:
     def deblur(
         self, image: torch.Tensor, algnet_model: ALGNet, tile: int, overlap: int, ensemble: bool = False
     ) -> tuple[torch.Tensor]:
-        """IMAGE (float [B, H, W, C] in 0..1, C 3 or 4 with alpha kept) -> the deblurred IMAGE, float32."""
-        if image.ndim != 4 or image.shape[-1] not in (3, 4):
-            raise ValueError(f"IMAGE must be [B, H, W, 3 or 4]; got shape {tuple(image.shape)}")
+        """IMAGE (float [B, H, W, C] in 0..1; C 3, 4 with alpha kept, or 1: grey, run as grey RGB and averaged
+        back, as ``algnet_core.deblur`` does) -> the deblurred IMAGE, float32, of the same shape."""
+        if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"IMAGE must be [B, H, W, 1, 3 or 4]; got shape {tuple(image.shape)}")
         height, width = image.shape[1:3]
         if min(height, width) < MULTIPLE:
             raise ValueError(f"the image is {width}x{height} pixels; ALGNet needs at least {MULTIPLE}x{MULTIPLE}")
-        rgb = image[..., :3].movedim(-1, 1).float()
+        rgb = image[..., :3].expand(-1, -1, -1, 3).movedim(-1, 1).float()
         mm = _model_management()
         if mm is None:
             _warn_if_scan_is_slow(next(algnet_model.parameters()).device)
@@ -218,6 +219,8 @@ class ALGNetDeblur:
         else:
             out = _deblur_in_comfyui(mm, rgb, algnet_model, tile, overlap, ensemble)
         out = out.clamp(0, 1).movedim(1, -1).to(image.device, torch.float32)
+        if image.shape[-1] == 1:
+            out = out.mean(dim=-1, keepdim=True)
         if image.shape[-1] == 4:
             out = torch.cat([out, image[..., 3:].float()], dim=-1)
         return (out,)
