@@ -60,7 +60,7 @@ class WeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class RegisteredModel:
-    """A short name: Hub repo and pinned revision, the preset it must be, and its bundled file stem."""
+    """A short name: Hub repo and revision, the preset it must be, and its bundled file stem."""
 
     repo_id: str
     revision: str
@@ -222,6 +222,7 @@ def resolve_files(name_or_path: str | os.PathLike, revision: str | None = None, 
         return folder / CONFIG_NAME, folder / WEIGHTS_NAME, provenance
     entry = REGISTRY.get(text)
     repo_id = entry.repo_id if entry else text
+    asked_revision = revision is not None
     if entry and revision is None:
         revision = entry.revision
     local_only = bool(hub_kwargs.pop("local_files_only", False))
@@ -234,7 +235,7 @@ def resolve_files(name_or_path: str | os.PathLike, revision: str | None = None, 
             f"{text!r} is not a local folder, a registered name ({', '.join(REGISTRY)}) or a valid Hub repo id"
         ) from err
     except WeightsError as err:
-        if entry is None or entry.bundled is None:
+        if entry is None or entry.bundled is None or asked_revision:  # a revision asked for is that one or none
             raise
         config, weights = bundled_files(entry.bundled)
         source, revision = "bundled", None
@@ -253,15 +254,37 @@ def loads_offline(name: str) -> bool:
     return True
 
 
-def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> ALGNet:
-    """Load an ALGNet (CPU, float32, eval) from a folder, registered name or Hub repo id, strictly.
+HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download")
+"""The keyword arguments of :func:`from_pretrained` that go to ``hf_hub_download``."""
 
-    The result has ``provenance``: ``model_id``, ``revision``, ``source`` (``hub``, ``cache``, ``bundled``
-    or ``local``), ``path`` and ``description``. One log line says which weights were used.
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    *,
+    strict: bool = True,
+    map_location: str | torch.device = "cpu",
+    **hub_kwargs,
+) -> ALGNet:
+    """Load an ALGNet (float32, eval, on ``map_location``) from a folder, registered name or Hub repo id,
+    strictly (``strict=False`` is refused: it would hide missing or unexpected weights).
+
+    ``hub_kwargs``: :data:`HUB_KWARGS`, for a Hub repo; anything else is a ``TypeError``. An explicit
+    ``revision`` is that revision or an error, never the bundled weights. The result has ``provenance``:
+    ``model_id``, ``revision``, ``source`` (``hub``, ``cache``, ``bundled`` or ``local``), ``path`` and
+    ``description``. One log line says which weights were used.
     """
+    unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"from_pretrained() got unexpected keyword arguments {unknown}; it takes revision, strict, "
+            f"map_location and {', '.join(HUB_KWARGS)}"
+        )
+    if not strict:
+        raise ValueError("ALGNet weights load strictly: strict=False would hide missing or unexpected weights")
     config, weights, provenance = resolve_files(name_or_path, revision, **hub_kwargs)
     model = build_model(config, weights)
-    entry = REGISTRY.get(os.fspath(name_or_path))
+    entry = REGISTRY.get(os.fspath(name_or_path)) if provenance["source"] != "local" else None
     if entry is not None and preset_of(model._hub_mixin_config) != entry.preset:
         raise WeightsError(f"{config} is not the {entry.preset} preset that {name_or_path!r} promises")
     metadata = _metadata(weights) if provenance["source"] == "bundled" else {}
@@ -271,7 +294,7 @@ def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None
         log.warning("algnet: Hub copy not available, using bundled weights %s", _describe(provenance))
     else:
         log.info("algnet: using weights %s", _describe(provenance))
-    return model
+    return model.to(map_location)
 
 
 def load_model(model: str | os.PathLike | ALGNet = "motion", device: str | torch.device = "auto") -> ALGNet:

@@ -171,16 +171,17 @@ class ALGNet(
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
-        cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None, **kwargs
     ) -> ALGNet:
         """Load strictly from a folder, a registered name (``"motion"``) or a Hub repo id.
 
-        Delegates to :func:`algnet_core.hub.from_pretrained`, the one registry and loader; ``hub_kwargs``
-        (``cache_dir``, ``token``, ``local_files_only``) go to ``hf_hub_download``.
+        Delegates to :func:`algnet_core.hub.from_pretrained`, the one registry and loader: ``kwargs`` are its
+        ``strict`` (True only), ``map_location`` and ``hub_kwargs`` (``cache_dir``, ``token``,
+        ``local_files_only``, ``force_download``, for ``hf_hub_download``).
         """
         from .hub import from_pretrained
 
-        return from_pretrained(pretrained_model_name_or_path, revision=revision, **hub_kwargs)
+        return from_pretrained(pretrained_model_name_or_path, revision=revision, **kwargs)
 
     def use_local_pooling(self, train_size: int | None = 256) -> ALGNet:
         """Test-time local mode (the authors' ``ALGNetLocal``, NAFNet's TLC), or back to global with None.

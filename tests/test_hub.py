@@ -150,6 +150,31 @@ def test_motion_offline_falls_back_to_the_bundled_weights(hub_env, monkeypatch, 
     assert "Hub copy not available, using bundled weights" in caplog.records[0].getMessage()
 
 
+def test_a_revision_asked_for_is_that_revision_or_an_error(hub_env, monkeypatch) -> None:
+    """No bundled stand-in for a pinned revision: what the caller asked for, or a WeightsError."""
+    go_offline(monkeypatch)
+    with pytest.raises(WeightsError, match="ALGNet-S-motion/config.json is not in the Hugging Face cache"):
+        from_pretrained("motion", revision=COMMIT)
+    assert from_pretrained("motion").provenance["source"] == "bundled"  # the registry's own revision: falls back
+
+
+def test_a_local_folder_named_like_a_registered_model_is_that_folder(active_model, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    active_model.save_pretrained(tmp_path / "motion")  # a tiny model, not the ALGNet-S that "motion" promises
+    loaded = from_pretrained("motion")
+    assert loaded.provenance["source"] == "local" and torch.equal(loaded.intro.weight, active_model.intro.weight)
+
+
+def test_from_pretrained_keywords_of_the_mixin(saved) -> None:
+    """strict (True only) and map_location as PyTorchModelHubMixin takes them; anything else is refused."""
+    model = ALGNet.from_pretrained(saved, strict=True, map_location="meta")
+    assert next(model.parameters()).device.type == "meta"
+    with pytest.raises(ValueError, match="load strictly"):
+        ALGNet.from_pretrained(saved, strict=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['foo'\]"):
+        ALGNet.from_pretrained(saved, foo=1)
+
+
 def test_prefilled_cache_is_used_without_network(saved, hub_env, monkeypatch) -> None:
     snapshot = hub_env / "models--algnet--ALGNet-S-motion" / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
