@@ -330,6 +330,25 @@ def detect_preset(state: dict[str, torch.Tensor]) -> str | None:
     return next((name for name in PRESETS if _preset_shapes(name) == wanted), None)
 
 
+def _closest_difference(state: dict[str, torch.Tensor], most: int = 5) -> str:
+    """How ``state`` differs from the preset that shares most of its tensors: missing, unexpected and
+    mis-shaped names (at most ``most`` of each), for an error message."""
+    have = _shapes(state)
+    name = max(PRESETS, key=lambda n: sum(have.get(k) == v for k, v in _preset_shapes(n).items()))
+    want = _preset_shapes(name)
+    parts = {
+        "missing": [k for k in want if k not in have],
+        "unexpected": [k for k in have if k not in want],
+        "other shape": [f"{k} {have[k]} (not {want[k]})" for k in want if k in have and have[k] != want[k]],
+    }
+    said = [
+        f"{what} {len(keys)}: {', '.join(keys[:most])}{' ...' if len(keys) > most else ''}"
+        for what, keys in parts.items()
+        if keys
+    ]
+    return f". Closest: {name}, {'; '.join(said)}"
+
+
 def unwrap_checkpoint(checkpoint: object) -> dict[str, torch.Tensor]:
     """The state dict inside a checkpoint: unwraps ``params``/``params_ema``/``state_dict``/``model`` and
     strips a ``module.`` (DataParallel) prefix. Raises :class:`WeightsError` when there is none."""
@@ -367,7 +386,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
         width = tuple(state["intro.weight"].shape) if "intro.weight" in state else "no 'intro.weight'"
         raise WeightsError(
             f"{path} is not a checkpoint of a known ALGNet configuration ({len(state)} tensors, intro conv "
-            f"{width}); known: {', '.join(PRESETS)}"
+            f"{width}); known: {', '.join(PRESETS)}{_closest_difference(state)}"
         )
     model = ALGNet(**PRESETS[preset])
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

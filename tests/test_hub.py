@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -278,6 +279,16 @@ def test_convert_refuses_anything_else(active_model, tmp_path) -> None:
     torch.save({"params": active_model.state_dict()}, tmp_path / "tiny.pth")
     with pytest.raises(WeightsError, match="not a checkpoint of a known ALGNet configuration"):
         hub.convert_checkpoint(tmp_path / "tiny.pth", tmp_path / "out")
+    with torch.device("meta"):
+        state = ALGNet(**PRESETS["ALGNet-S"]).state_dict()
+    state.pop("encoders.0.0.beta")  # one tensor short of ALGNet-S, one renamed, one of another shape
+    state["decoders.0.0.extra"] = state.pop("ending.bias")
+    state["intro.bias"] = torch.zeros(8, device="meta")
+    torch.save({"params": {k: torch.zeros(v.shape) for k, v in state.items()}}, tmp_path / "edited.pth")
+    said = "Closest: ALGNet-S, missing 2: ending.bias, encoders.0.0.beta; unexpected 1: decoders.0.0.extra; "
+    said += "other shape 1: intro.bias (8,) (not (16,))"
+    with pytest.raises(WeightsError, match=re.escape(said)):
+        hub.convert_checkpoint(tmp_path / "edited.pth", tmp_path / "out")
     torch.save({"epoch": 3, "optimizer": [1, 2]}, tmp_path / "other.pth")
     with pytest.raises(WeightsError, match="no state dict in the checkpoint"):
         hub.convert_checkpoint(tmp_path / "other.pth", tmp_path / "out")
