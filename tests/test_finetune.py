@@ -157,6 +157,12 @@ def test_fine_tuning_refuses_bad_inputs_before_training(
         tuner(minutes=1.0)
     with pytest.raises(ValueError, match=r"image 0 has shape \(5, 40, 40\).*list\(stack\)"):
         tuner(sharp=[np.zeros((5, 40, 40), np.uint16)])
+    with pytest.raises(ValueError, match="warmup_steps must be 0 or more"):
+        tuner(warmup_steps=-5)
+    grey = np.random.default_rng(0).integers(0, 255, (40, 40))
+    blurry, sharp = [grey.astype(np.uint8)] * 2, [(grey * 257).astype(np.uint16)] * 2  # one 8-bit, one 16-bit export
+    with pytest.raises(ValueError, match=r"blurry image 0 \(uint8\) and sharp image 0 \(uint16\) differ in bit depth"):
+        tuner(psf=None, blur=blurry, sharp=sharp)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="taken exists"):
@@ -259,6 +265,25 @@ def test_cancel_keeps_the_best_model_so_far_as_a_valid_folder(
     written = ALGNet.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(written[k], v) for k, v in start.items())
     assert any(not torch.equal(tuned.state_dict()[k], v) for k, v in start.items())
+
+
+def test_a_diverged_run_never_replaces_the_starting_model(
+    tmp_path: Path, sharp_dir: Path, psf_file: Path, start_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validations after the first come out NaN (a run that diverged): NaN is never the best, so the folder
+    holds the starting model, as the promise "never worse than the starting model" says."""
+    real, calls = Trainer.validate, []
+
+    def diverged(self: Trainer) -> dict[str, float]:
+        calls.append(1)
+        return real(self) | ({"psnr": math.nan} if len(calls) > 1 else {})
+
+    monkeypatch.setattr(Trainer, "validate", diverged)
+    result = FineTuner(tmp_path / "a", sharp_dir, psf=psf_file, steps=2, model=start_model, **FAST).run()
+    assert len(calls) >= 2 and result.best_step == 0 and result.psnr_tuned == result.psnr_start
+    start = ALGNet.from_pretrained(start_model).state_dict()
+    written = ALGNet.from_pretrained(tmp_path / "a").state_dict()
+    assert all(torch.equal(written[k], v) for k, v in start.items())
 
 
 def test_a_time_budget_plans_the_steps_and_ends_with_a_validation(

@@ -409,9 +409,10 @@ class Trainer:
 
     def keep_if_best(self, metrics: dict[str, float]) -> dict[str, Any] | None:
         """Record ``metrics`` (a :meth:`validate` result for the current weights) as the latest; when its PSNR
-        beats the best so far, write ``best.pt`` with these weights and return the metrics with the step."""
+        beats the best so far, write ``best.pt`` with these weights and return the metrics with the step. A
+        diverged (NaN) validation is never the best."""
         self.last_val = metrics | {"step": self.step}
-        if metrics["psnr"] <= self.best_psnr:
+        if not metrics["psnr"] > self.best_psnr:
             return None
         self.best_psnr = metrics["psnr"]
         best = self.last_val

@@ -195,6 +195,8 @@ def load_pairs(blur: ImageSource, sharp: ImageSource) -> list[tuple[Plane, Plane
     for (blur_name, b), (sharp_name, s) in zip(blurs, sharps, strict=True):
         if b.shape != s.shape:
             raise ValueError(f"{blur_name} {b.shape} and {sharp_name} {s.shape} differ in size")
+        if b.dtype != s.dtype:  # one value range maps both: 8-bit input, 16-bit target would be 257x too bright
+            raise ValueError(f"{blur_name} ({b.dtype}) and {sharp_name} ({s.dtype}) differ in bit depth")
         value_range = _value_range_of(blur_name, b)
         _value_range_of(sharp_name, s)  # dtype, size and finiteness checks
         pairs.append((_plane(blur_name, b, value_range), _plane(sharp_name, s, value_range)))
@@ -330,6 +332,8 @@ class FineTuner:
             raise ValueError("give exactly one budget: steps or minutes")
         if (steps is not None and steps < 1) or (minutes is not None and not minutes > 0):
             raise ValueError(f"the budget must be positive, got steps={steps}, minutes={minutes}")
+        if warmup_steps is not None and warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be 0 or more, got {warmup_steps}")
         blur_models = {"psf": psf, "defocus_radius": defocus_radius, "motion_length": motion_length, "blur": blur}
         given = [k for k, v in blur_models.items() if v is not None]
         if len(given) != 1:

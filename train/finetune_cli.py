@@ -40,6 +40,16 @@ def _positive(kind: type) -> Callable[[str], float | int]:
     return parse
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -97,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=_positive(float), default=None, help="initial learning rate (cosine decay)")
     parser.add_argument(
         "--warmup",
-        type=int,
+        type=_count,
         default=None,
         help="steps over which the learning rate rises (default 20, at most 1/5 of the run)",
     )
