@@ -387,8 +387,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert an official .pth checkpoint into a save_pretrained folder."""
+    card = Path(args.output) / "README.md"
+    kept = card.exists()
     preset = convert_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
     print(f"{args.checkpoint}: {preset}; written to {args.output}")
+    if kept:
+        print(f"{card} kept as it was: it may describe another model; edit it before publishing", file=sys.stderr)
     return 0
 
 

@@ -362,12 +362,32 @@ def unwrap_checkpoint(checkpoint: object) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
+CONVERTED_CARD = """---
+library_name: algnet
+license: unknown
+pipeline_tag: image-to-image
+tags:
+- image-deblurring
+- algnet
+---
+
+# ALGNet ({preset}), converted from `{checkpoint}`
+
+The tensors of `{checkpoint}`, a checkpoint of the authors of "Learning Enriched Features via Selective
+State Spaces Model for Efficient Image Deblurring" (https://doi.org/10.1145/3664647.3681009), loaded strictly
+into the `algnet` package's ALGNet ({preset} preset) by `algnet convert` and saved as `config.json` +
+`model.safetensors`. The weights and their terms are the authors': see where the checkpoint came from.
+"""
+"""The model card :func:`convert_checkpoint` writes into a folder that has none."""
+
+
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> str:
     """Convert an official ``.pth`` checkpoint into a ``save_pretrained`` folder; returns the preset name.
 
     Loads with ``torch.load(weights_only=True)``, detects the preset from the tensors and loads strictly.
     Raises ``FileExistsError`` when ``out_dir`` already holds a ``config.json`` or ``model.safetensors`` and
-    ``overwrite`` is False (an existing ``README.md`` is always kept).
+    ``overwrite`` is False. A folder without a ``README.md`` gets :data:`CONVERTED_CARD`; an existing one is
+    always kept (the ``algnet convert`` command then says so: it may describe the model it replaced).
     """
     path, out = Path(checkpoint), Path(out_dir)
     existing = [out / name for name in (CONFIG_NAME, WEIGHTS_NAME) if (out / name).exists()]
@@ -390,5 +410,9 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
         )
     model = ALGNet(**PRESETS[preset])
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    card = out / "README.md"
+    if not card.exists():  # save_pretrained writes a generic card only where there is none
+        out.mkdir(parents=True, exist_ok=True)
+        card.write_text(CONVERTED_CARD.format(preset=preset, checkpoint=path.name))
     model.save_pretrained(out)
     return preset

@@ -172,6 +172,8 @@ def test_convert_command(tmp_path, capsys) -> None:
     assert main(["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "out")]) == 0
     assert "ALGNet-S" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "config.json").is_file()
+    card = (tmp_path / "out" / "README.md").read_text()  # its own card, not the mixin's generic one
+    assert "# ALGNet (ALGNet-S), converted from `official.pth`" in card and "license: unknown" in card
     torch.save({"params": {"x": torch.zeros(1)}}, tmp_path / "bad.pth")
     assert main(["convert", str(tmp_path / "bad.pth"), "-o", str(tmp_path / "bad")]) == 1
     assert "not a checkpoint of a known ALGNet configuration" in capsys.readouterr().err
@@ -385,8 +387,11 @@ def test_convert_refuses_an_existing_config(tmp_path, capsys) -> None:
     assert "config.json exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "config.json").read_text() == '{"mine": true}\n'
     assert not (tmp_path / "out" / "model.safetensors").exists()
+    (tmp_path / "out" / "README.md").write_text("my card of another model\n")
     assert main(["convert", str(tmp_path / "official.pth"), "-o", str(tmp_path / "out"), "--overwrite"]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["width"] == PRESETS["ALGNet-S"]["width"]
+    assert (tmp_path / "out" / "README.md").read_text() == "my card of another model\n"  # the user's: kept
+    assert "README.md kept as it was: it may describe another model" in capsys.readouterr().err
 
 
 def test_the_readme_sample_command_can_be_repeated(identity_dir, tmp_path, capsys) -> None:
