@@ -9,6 +9,7 @@ uploaded (size, SHA-256) and the card, and touches no network. The upload is one
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,7 +69,7 @@ def publish(
         folder_path=str(folder),
         repo_type="model",
         commit_message=commit_message,
-        allow_patterns=[p.name for p in files],
+        allow_patterns=[glob.escape(p.name) for p in files],  # patterns: a name with [ ] is meant as is
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from helpers import TINY
+from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 from algnet_core import ALGNet
@@ -526,6 +527,12 @@ def test_publish_uploads_through_hfapi(exported: Path, capsys: pytest.CaptureFix
     assert name == "upload_folder" and kwargs["repo_id"] == "someone/algnet-tiny"
     assert kwargs["folder_path"] == str(exported) and kwargs["repo_type"] == "model"
     assert kwargs["allow_patterns"] == ["README.md", "config.json", "model.safetensors"]
+    (exported / "notes[v2].md").write_text("a name that is also a glob pattern")
+    assert publish_main([str(exported), "--repo-id", "someone/algnet-tiny"], api=api) == 0
+    names = [p.name for p in exported.iterdir()]
+    uploaded = filter_repo_objects(names, allow_patterns=api.calls[-1][2]["allow_patterns"])  # the Hub client's filter
+    assert sorted(uploaded) == sorted(names)
+    (exported / "notes[v2].md").unlink()
     (exported / "README.md").write_text("no table")
     with pytest.raises(ValueError, match="evaluation table"):
         publish_main([str(exported), "--repo-id", "x/y", "--dry-run"])
