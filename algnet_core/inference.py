@@ -8,14 +8,17 @@ multiple of 16 whose estimated working memory fits in half the free memory of th
 :data:`CPU_MEMORY_BUDGET` on the CPU), between :data:`MIN_AUTO_TILE` and :data:`MAX_AUTO_TILE`.
 
 Normalisation (explicit and invertible; ``normalize=``): the image's values are mapped linearly from a
-(low, high) pair to 0..1, restored, clipped, mapped back, and rounded for integer images, so the result keeps
-the input's dtype and value range.
+(low, high) pair to 0..1, restored, mapped back, clipped and rounded for integer images, so the result keeps
+the input's dtype. The clip is the dtype's own range (0..255, 0..65535; 0..1 for a float image within it), not
+the blurry image's: deblurring gathers spread light back into peaks, so a 12-bit image's spots may come back
+brighter than any pixel of its blurry input. Float images normalised by their own statistics are clipped only
+to their dtype's finite range.
 
 * ``"dtype"``: ``uint8`` / 255, ``uint16`` / 65535; float images already within [0, 1] as they are, any other
   float image from its [min, max].
 * ``"range"``: the image's own [min, max] (a 12-bit camera's 58..2336 becomes 0..1).
 * ``"percentile"``: the ``percentiles`` (default 1 and 99.8, as CSBDeep and StarDist) map to 0 and 1; values
-  beyond them reach the network as they are and the result is clipped to the input's [min, max].
+  beyond them reach the network as they are.
 * ``"auto"`` (default): ``"range"`` for ``uint16`` images that use at most :data:`AUTO_RANGE_BITS` bits
   (microscopy cameras: 12- and 14-bit data), else ``"dtype"``.
 
@@ -419,7 +422,7 @@ def da_percentile(flat: Any, percentiles: tuple[float, float]) -> Any:
 
 Mapping = tuple[float, float, float, float]
 """(low, high, clip low, clip high): low and high map to 0 and 1; the result is clipped to the clip range (the
-input's own [min, max] for ``normalize="percentile"``, else low..high)."""
+dtype's, see the module docs)."""
 
 
 def value_mapping(
@@ -427,14 +430,12 @@ def value_mapping(
 ) -> Mapping:
     """The one :data:`Mapping` of ``colour`` (numpy or dask: all its values, every page of a stack)."""
     lo, hi = normalization_range(colour, dtype, normalize, percentiles)
-    if normalize != "percentile":
-        return lo, hi, lo, hi
-    extent = [colour.min(), colour.max()]
-    if type(colour).__module__.startswith("dask"):
-        import dask
-
-        extent = dask.compute(*extent)
-    return lo, hi, float(extent[0]), float(extent[1])
+    if dtype.kind == "u":
+        return lo, hi, 0.0, float(np.iinfo(dtype).max)
+    if normalize in ("auto", "dtype") and (lo, hi) == (0.0, 1.0):
+        return lo, hi, 0.0, 1.0
+    finite = np.finfo(dtype)
+    return lo, hi, float(finite.min), float(finite.max)
 
 
 def _numpy_dtype(image: np.ndarray | Tensor) -> np.dtype:
@@ -486,10 +487,11 @@ def _deblur_array(
     norm = ((color.double() - lo) / scale).float().permute(2, 0, 1)  # (c, h, w), mapped in float64
     batch = norm[None] if channels in (3, 4) else norm[:, None].expand(-1, 3, -1, -1)
     restored = deblur_tensor(batch, net, tile, overlap, progress, cancel, precision=precision, ensemble=ensemble)
-    restored = restored.clamp_(0, 1) if normalize != "percentile" else restored
+    bound = torch.finfo(restored.dtype).max  # each channel clipped before a mean, to the clip range normalised
+    restored = restored.clamp_(max((clip_lo - lo) / scale, -bound), min((clip_hi - lo) / scale, bound))
     result = restored[0] if channels in (3, 4) else restored.mean(dim=1)  # (c, h, w)
     result = result.permute(1, 2, 0).double() * scale + lo
-    result = result.clamp_(clip_lo, clip_hi)  # "percentile": values beyond them are clipped to the input's range
+    result = result.clamp_(clip_lo, clip_hi)
     if dtype.kind != "f":
         result = result.round()
     result = result.to(torch.uint16 if dtype == np.uint16 else original.dtype)
@@ -624,7 +626,7 @@ def deblur(
     ensemble: bool = False,
     pages: int = 0,
 ) -> Any:
-    """Deblur ``image`` and return the result with the same shape, dtype and value range.
+    """Deblur ``image`` and return the result with the same shape and dtype (values clipped to the dtype's range).
 
     ``image``: numpy array or torch tensor, HxW or HxWxC, uint8/uint16/float (see the module docs for the
     normalisation and channel rules), or a dask array (returns a lazy dask array, computed chunk by chunk
