@@ -188,6 +188,21 @@ def test_planes_follow_deblurs_mapping_and_stacks_count_page_by_page(tmp_path: P
     assert len(val) == 8 and len(train) == 192 and not set(train) & set(val)
 
 
+def test_blurred_twelve_bit_training_inputs_span_the_range_deblur_gives_them(start_model: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    spots = np.zeros((128, 128))
+    ys, xs = rng.integers(8, 120, size=(2, 30))
+    spots[ys, xs] = rng.uniform(0.5, 1.0, size=30)
+    psf = kernels.gaussian_kernel(2.0, size=15)
+    images = [np.round(100 + 3000 * np.roll(spots, 7 * i, axis=1) / spots.max()).astype(np.uint16) for i in range(3)]
+    tuner = FineTuner(tmp_path / "tuned", images, psf=psf, noise=0.005, steps=1, model=start_model, **FAST)
+    blurred, sharp = tuner.val_set[0]  # a fixed blur of a held-back plane, as the training draws them
+    # deblur maps a blurry 12-bit image by its own min..max: its spots reach 1, not the third of 1 that the sharp
+    # plane's range leaves them after the blur
+    assert 0.85 < float(blurred.max()) <= 1.0 and float(blurred.min()) < 0.05
+    assert float(sharp.max()) > 2.0  # the sharp spots are brighter than any blurry pixel
+
+
 # ----------------------------------------------------------------------------------------- runs
 def test_a_short_fine_tune_lowers_the_validation_loss_and_writes_a_loadable_model(
     tmp_path: Path, sharp_dir: Path, psf_file: Path, start_model: Path

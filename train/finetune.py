@@ -57,7 +57,7 @@ from algnet_core.inference import DEFAULT_PERCENTILES, normalization_range, reso
 from algnet_core.model import MULTIPLE
 
 from .config import Config
-from .data import BlurRecipe, Flips, PairedDataset, SyntheticBlur, list_images
+from .data import BlurRecipe, Flips, PairedDataset, SyntheticBlur, blur_valid, list_images
 from .engine import Trainer, load_checkpoint
 from .export import export_checkpoint
 
@@ -88,7 +88,8 @@ Adam steps knock a model that already fits the data off (measured: Kodak24, defo
 
 @dataclass(frozen=True)
 class Plane:
-    """One training image: a float32 array (h, w, 3) in 0..1 (a read-only broadcast view for grey data)."""
+    """One training image: a float32 array (h, w, 3) mapped as deblur maps it (a read-only broadcast view for grey
+    data): 0..1, or for 12/14-bit sharp images by the range of their blurred versions (see :func:`load_planes`)."""
 
     name: str
     data: np.ndarray
@@ -167,9 +168,45 @@ def _plane(name: str, array: np.ndarray, value_range: tuple[float, float]) -> Pl
     return Plane(name, data, 8 if array.dtype == np.uint8 else 16)
 
 
-def load_planes(source: ImageSource, what: str = "sharp") -> list[Plane]:
-    """Every plane of ``source`` (folder, arrays or named arrays), mapped to 0..1 as deblur maps it."""
-    return [_plane(name, a, _value_range_of(name, a)) for name, a in _arrays(source, what)]
+BLURRED_RANGE_DRAWS = 4
+"""Blurs drawn from the recipe to estimate the value range of a sharp image's blurred versions."""
+
+
+def _blurred_range(array: np.ndarray, value_range: tuple[float, float], recipe: BlurRecipe) -> tuple[float, float]:
+    """The (low, high) that deblur would map to 0..1 for ``array`` blurred by ``recipe`` (its noise included):
+    the mean over :data:`BLURRED_RANGE_DRAWS` seeded blurs of the whole image, borders reflected."""
+    lo, hi = value_range
+    scale = (hi - lo) or 1.0
+    image = (array.astype(np.float64) - lo) / scale
+    image = image[..., None] if image.ndim == 2 else image
+    rng = np.random.default_rng(0)
+    extremes = []
+    for _ in range(BLURRED_RANGE_DRAWS):
+        kernel = recipe.kernel(rng)
+        m = kernel.shape[0] // 2
+        blurred = recipe.finish(blur_valid(np.pad(image, ((m, m), (m, m), (0, 0)), mode="reflect"), kernel), rng)
+        extremes.append((blurred.min(), blurred.max()))
+    low, high = np.mean(extremes, axis=0)
+    return lo + float(low) * scale, lo + float(high) * scale
+
+
+def load_planes(source: ImageSource, what: str = "sharp", recipe: BlurRecipe | None = None) -> list[Plane]:
+    """Every plane of ``source`` (folder, arrays or named arrays), mapped to 0..1 as deblur maps it; with the
+    ``recipe`` that will blur them, a plane that deblur maps by its own range (12/14-bit data) is mapped by
+    the range of its blurred versions instead, which is what deblur sees (blur dims the peaks of sparse
+    spots 3x, so the sharp plane's own range would train the model on far dimmer inputs than it meets)."""
+    planes = []
+    for name, array in _arrays(source, what):
+        value_range = _value_range_of(name, array)
+        if recipe is not None and not _is_nominal(array.dtype.newbyteorder("="), value_range):
+            value_range = _blurred_range(array, value_range, recipe)
+        planes.append(_plane(name, array, value_range))
+    return planes
+
+
+def _is_nominal(dtype: np.dtype, value_range: tuple[float, float]) -> bool:
+    """Whether ``value_range`` is the dtype's own (0..255, 0..65535, 0..1), not the image's statistics."""
+    return value_range == ((0.0, float(np.iinfo(dtype).max)) if dtype.kind == "u" else (0.0, 1.0))
 
 
 def load_pairs(blur: ImageSource, sharp: ImageSource) -> list[tuple[Plane, Plane]]:
@@ -373,11 +410,12 @@ class FineTuner:
             planes = [p[1] for p in pairs]
             self.kind = "pairs"
         else:
-            planes = load_planes(sharp)
-            train_idx, val_idx = split(len(planes), val_fraction, seed)
-            quantise = all(p.bits == 8 for p in planes)
+            arrays = dict(_arrays(sharp, "sharp"))
+            quantise = all(a.dtype == np.uint8 for a in arrays.values())
             self.recipe_args = _recipe_args(psf, defocus_radius, motion_length, noise, poisson, quantise)
             self.recipe = BlurRecipe(**self.recipe_args)
+            planes = load_planes(arrays, recipe=self.recipe)
+            train_idx, val_idx = split(len(planes), val_fraction, seed)
             flips = Flips(False, False) if psf is not None else Flips()  # a flipped pair would flip the PSF
             train = [planes[i].data for i in train_idx]
             val = [planes[i].data for i in val_idx]
