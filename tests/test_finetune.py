@@ -10,11 +10,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+import yaml
 from helpers import active_tiny
 from PIL import Image
 from scipy.signal import fftconvolve
@@ -24,7 +26,7 @@ from algnet_core.cli import main as cli_main
 from train import kernels
 from train.data import BlurRecipe, SyntheticBlur
 from train.engine import Trainer
-from train.finetune import FineTuner, load_planes, split
+from train.finetune import FineTuner, _Plan, load_planes, split
 
 FAST = {"crop": 32, "batch": 2, "lr": 1e-3}
 """A tiny run: 32 px crops, two per step, a learning rate that moves a tiny model within a few steps."""
@@ -268,6 +270,9 @@ def test_cancel_keeps_the_best_model_so_far_as_a_valid_folder(
     result = tuner.run()
     assert result.cancelled and result.steps == 2
     assert result.best_step == 2 and result.psnr_tuned > result.psnr_start  # validated on cancel: kept
+    with (tmp_path / "a" / "training" / "train.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [2]  # the two steps before the cancel, logged
+    assert yaml.safe_load((tmp_path / "a" / "training" / "config.yaml").read_text())["run"]["steps"] == 2
     tuned = ALGNet.from_pretrained(tmp_path / "a")
     assert "| validation (a, step" in (tmp_path / "a" / "README.md").read_text()
     # Cancelled before the first step: the folder holds the starting model, validated.
@@ -310,6 +315,18 @@ def test_a_time_budget_plans_the_steps_and_ends_with_a_validation(
     assert result.steps >= 1 and steps[-1] == result.steps  # the planned last step was validated
     config = (tmp_path / "t" / "training" / "config.yaml").read_text()
     assert "defocus_radius:\n      - 1.0\n      - 3.0" in config
+    recorded = yaml.safe_load(config)
+    assert recorded["run"]["steps"] == result.steps  # the steps that ran, not the placeholder of the plan
+    assert recorded["optim"]["warmup_steps"] <= max(1, result.steps // 5)
+
+
+def test_a_time_budget_too_short_to_calibrate_is_not_all_warm_up() -> None:
+    cfg = SimpleNamespace(run=SimpleNamespace(steps=10**9), log=SimpleNamespace(val_every=10**9),
+                          optim=SimpleNamespace(warmup_steps=20))  # fmt: skip
+    plan = _Plan(time.monotonic() - 10.0, minutes=25 / 60, val_seconds=0.0)  # 10 s for step 1, 15 s left
+    plan.update(SimpleNamespace(step=1, cfg=cfg))
+    assert cfg.run.steps == 2  # ends before the third step, where the warm-up used to be re-planned
+    assert cfg.optim.warmup_steps == 0 and cfg.log.val_every == 1  # step 2 at the full rate, then validated
 
 
 def test_paired_16_bit_stacks_and_in_memory_layers_train(tmp_path: Path, start_model: Path) -> None:

@@ -339,7 +339,7 @@ class Trainer:
         deadline = time.monotonic() + 60 * minutes if minutes else None
         logger = _Logs(self.out_dir, cfg.log.tensorboard) if main else None
         if main:
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self.write_config()
             log.info(
                 "%s: step %d of %d, batch %d (%d per process x %d), %d training samples, %d unused tensors frozen",
                 cfg.name, self.step, cfg.run.steps, cfg.run.batch, self.sampler.per_rank, self.world,
@@ -361,18 +361,15 @@ class Trainer:
                 bar.update(1)
                 stop = self.step >= stop_at() or self._should_stop(deadline)
                 if self.step % cfg.log.every == 0 or stop:
-                    means = self._reduce({k: v / count for k, v in window.items()})
-                    rate = seen / (time.perf_counter() - tick)
-                    lr = self.scheduler.get_last_lr()[0]
-                    if main:
-                        bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.2f}")
-                        logger.train(self.step, epoch, means, lr, rate)
+                    self._log_train(logger, bar, epoch, window, count, seen / (time.perf_counter() - tick))
                     window, tick, seen, count = {}, time.perf_counter(), 0, 0
                 finished = self.step == cfg.run.steps
                 if self.val_set is not None and (self.step % cfg.log.val_every == 0 or finished):
                     best = self._validate_and_keep(logger, best)
                 if on_step is not None:
                     on_step(self)
+                    if self.stop_requested and not stop and count:  # on_step (one process) stops: log the rest
+                        self._log_train(logger, bar, epoch, window, count, seen / (time.perf_counter() - tick))
                     stop = stop or self.stop_requested
                 if self.step % cfg.log.ckpt_every == 0 or stop:
                     self._barrier()
@@ -388,6 +385,21 @@ class Trainer:
             logger.close()
         self._barrier()
         return best
+
+    def _log_train(
+        self, logger: _Logs | None, bar: tqdm, epoch: int, window: dict[str, float], count: int, rate: float
+    ) -> None:
+        """One train.csv row: the mean loss terms of the ``count`` steps in ``window``, at ``rate`` images/s."""
+        means = self._reduce({k: v / count for k, v in window.items()})
+        lr = self.scheduler.get_last_lr()[0]
+        if logger is not None:
+            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.2f}")
+            logger.train(self.step, epoch, means, lr, rate)
+
+    def write_config(self) -> None:
+        """Write ``config.yaml``: the run's settings as they are now (an ``on_step`` plan may have changed them)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def _should_stop(self, deadline: float | None) -> bool:
         """Past the deadline or asked to stop, on any process (then on all of them)."""

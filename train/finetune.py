@@ -554,6 +554,8 @@ class FineTuner:
             trainer.fit(on_step=on_step)
         if trainer.last_val["step"] != trainer.step:  # cancelled between validations: the current weights too
             trainer.keep_if_best(trainer.validate())
+        trainer.cfg.run.steps = trainer.step  # what ran (a time budget or a cancel ends the plan here)
+        trainer.write_config()
         seconds = time.monotonic() - began
         best = load_checkpoint(work / "best.pt")["metrics"]
         rows = [{"benchmark": f"validation, starting model {self.model}", **start}]
@@ -583,10 +585,12 @@ class FineTuner:
 class _Plan:
     """Fits a run into ``minutes``: after every step the number of steps is re-planned from the mean time per
     step so far (validations included), keeping time for the final validation; the validation interval is
-    fixed to a tenth of the plan, and the warm-up to at most a fifth, after :data:`CALIBRATION_STEPS` steps."""
+    fixed to a tenth of the plan, and the warm-up to at most a fifth, after :data:`CALIBRATION_STEPS` steps
+    (re-planned after each step before then, so that a run that ends sooner is not all warm-up)."""
 
     def __init__(self, began: float, minutes: float, val_seconds: float) -> None:
         self.began, self.deadline, self.val_seconds = began, began + 60 * minutes, val_seconds
+        self.warmup: int | None = None
 
     def update(self, trainer: Trainer) -> None:
         """Set ``run.steps`` (and once ``log.val_every``) for the time left; the planned last step stays last."""
@@ -596,6 +600,8 @@ class _Plan:
         per_step = (now - self.began) / trainer.step
         left = math.floor((self.deadline - now - self.val_seconds) / per_step)
         trainer.cfg.run.steps = trainer.step + max(1, left)
-        if trainer.step == CALIBRATION_STEPS:
+        if self.warmup is None:
+            self.warmup = trainer.cfg.optim.warmup_steps  # as asked, before any plan shortened it
+        if trainer.step <= CALIBRATION_STEPS:
             trainer.cfg.log.val_every = max(1, trainer.cfg.run.steps // 10)
-            trainer.cfg.optim.warmup_steps = min(trainer.cfg.optim.warmup_steps, trainer.cfg.run.steps // 5)
+            trainer.cfg.optim.warmup_steps = min(self.warmup, trainer.cfg.run.steps // 5)
