@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import safetensors
 import safetensors.torch
 import torch
-from huggingface_hub import constants, hf_hub_download
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HFValidationError,
@@ -174,6 +174,20 @@ def hub_reachable() -> bool:
         return False
 
 
+def _hub_answers(repo_id: str, revision: str | None, token: str | bool | None) -> bool:
+    """Whether the Hub answers a request about ``repo_id`` now. When it does not (a dead proxy, a timeout, a
+    5xx), ``hf_hub_download`` quietly serves its cache, so this decides between "hub" and "cache"."""
+    try:
+        url = hf_hub_url(repo_id, CONFIG_NAME, revision=revision, endpoint=hub_endpoint())
+        get_hf_file_metadata(url, token=token, timeout=HUB_PROBE_TIMEOUT_S)
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, HFValidationError):
+        return True  # an answer: the download says what is missing
+    except Exception as err:  # noqa: BLE001 (whatever stops an answer makes the client fall back to its cache)
+        log.debug("%s: the Hub did not answer (%s)", repo_id, err)
+        return False
+    return True
+
+
 def _download(repo_id: str, revision: str | None, local_only: bool, **hub_kwargs) -> tuple[Path, Path]:
     """(config, weights) of a Hub repo via the Hub client; ``local_only`` reads only the cache."""
     paths = []
@@ -226,7 +240,7 @@ def resolve_files(name_or_path: str | os.PathLike, revision: str | None = None, 
     if entry and revision is None:
         revision = entry.revision
     local_only = bool(hub_kwargs.pop("local_files_only", False))
-    online = not local_only and hub_reachable()
+    online = not local_only and hub_reachable() and _hub_answers(repo_id, revision, hub_kwargs.get("token"))
     source = "hub" if online else "cache"
     try:
         config, weights = _download(repo_id, revision, local_only=not online, **hub_kwargs)

@@ -53,6 +53,10 @@ class FakeHub(BaseHTTPRequestHandler):
     """Serves ``/{repo_id}/resolve/{revision}/{file}`` from ``self.server.repos`` like the Hub does."""
 
     def _file(self) -> bytes | None:
+        if getattr(self.server, "down", False):  # a Hub that answers nothing but errors
+            self.send_response(503)
+            self.end_headers()
+            return None
         parts = self.path.lstrip("/").split("/")
         repo, files = "/".join(parts[:2]), self.server.repos.get("/".join(parts[:2]))
         if parts[2:3] != ["resolve"] or files is None:
@@ -124,6 +128,15 @@ def test_hub_download_then_cache_when_offline(active_model, fake_hub, hub_env, i
     go_offline(monkeypatch)
     cached = load_model("test/tiny", "cpu")
     assert cached.provenance["source"] == "cache"
+    with torch.inference_mode():
+        assert torch.equal(cached(image), active_model(image))
+
+
+def test_a_hub_that_does_not_answer_is_reported_as_the_cache(active_model, fake_hub, image) -> None:
+    ALGNet.from_pretrained("test/tiny")  # fills the cache
+    fake_hub.down = True  # reachable, but 503 for every request: huggingface_hub serves its cache instead
+    cached = ALGNet.from_pretrained("test/tiny")
+    assert cached.provenance["source"] == "cache"  # not "hub": nothing came from it
     with torch.inference_mode():
         assert torch.equal(cached(image), active_model(image))
 
