@@ -5,7 +5,7 @@ A model is a ``config.json`` (the :class:`~algnet_core.model.ALGNet` constructor
 resolved in this order:
 
 1. an existing local folder (``source="local"``);
-2. a registered short name (:data:`REGISTRY`): its Hub repo at the pinned revision, from the Hub when it
+2. a registered short name (:data:`REGISTRY`): its Hub repo at its registered revision, from the Hub when it
    can be reached (``"hub"``), else from the Hugging Face cache (``"cache"``), else the default bundled in
    the wheel (``"bundled"``), with one log line saying which;
 3. anything else is a Hub repo id: the Hub or the cache, and a clear :class:`WeightsError` when neither
