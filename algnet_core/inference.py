@@ -297,6 +297,13 @@ def _count_tiles(h: int, w: int, tile: int, overlap: int) -> int:
     return len(_tile_starts(h, th, overlap)) * len(_tile_starts(w, tw, overlap))
 
 
+def _grey_if(image: Tensor, restored: Tensor) -> Tensor:
+    """``restored`` (C, H, W), made grey (the channels' mean) when every channel of ``image`` is the same."""
+    if len(image) > 1 and all(torch.equal(image[0], c) for c in image[1:]):
+        return restored.mean(dim=0, keepdim=True).expand_as(restored)
+    return restored
+
+
 def _check_tensor(batch: Tensor, channels: int) -> None:
     if batch.ndim != 4 or batch.shape[1] != channels:
         raise ValueError(f"expected a (B, {channels}, H, W) batch, got shape {tuple(batch.shape)}")
@@ -332,7 +339,8 @@ def deblur_tensor(
 ) -> Tensor:
     """The tiled engine: a (B, C, H, W) float batch in 0..1 -> its restoration, same shape/dtype/device.
 
-    ``tile=None`` runs whole images; ``tile="auto"`` uses :func:`choose_tile`. ``progress(done, total)``
+    An image whose channels are all equal (grey stored as RGB) comes back grey: each channel the mean of the
+    restored ones. ``tile=None`` runs whole images; ``tile="auto"`` uses :func:`choose_tile`. ``progress(done, total)``
     counts ALGBlocks run (over all tiles, images and ensemble passes); ``cancel()`` is checked after each.
     On CUDA out-of-memory the tile is halved (one tile per batch from then on) and the image restarted;
     ``progress`` then counts afresh.
@@ -362,14 +370,14 @@ def deblur_tensor(
     while True:
         tiles = len(images) * _count_tiles(h, w, size, overlap)
         per_batch = tiles_per_batch(dev, auto_tile, min(size, h) * min(size, w), max_batch)
-        log.info("algnet: %dx%d image(s), tile %d, overlap %d, %d tile(s) on %s", h, w, size, overlap, tiles, dev)
+        log.info("algnet: %dx%d image(s), tile %d, overlap %d, %d tile(s) on %s", w, h, size, overlap, tiles, dev)
         done = 0
         try:
             with torch.inference_mode(), _each_block(net, after_block) as blocks:
                 forwards = len(images) * math.ceil(_count_tiles(h, w, size, overlap) / per_batch)
                 total = forwards * blocks * (ENSEMBLE_SIZE if ensemble else 1)
                 out = [_tiled_one(net, img, size, overlap, per_batch, amp, ensemble, cancel) for img in images]
-            return torch.stack(out).to(batch.dtype)
+            return torch.stack([_grey_if(img, res) for img, res in zip(images, out, strict=True)]).to(batch.dtype)
         except torch.OutOfMemoryError:
             if size // 2 < 2 * overlap + MULTIPLE:
                 raise

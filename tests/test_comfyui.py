@@ -111,12 +111,11 @@ def fake_comfyui(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNames
 
 
 def _check_input_spec(spec: tuple) -> None:
-    assert isinstance(spec, tuple) and 1 <= len(spec) <= 2
+    assert isinstance(spec, tuple) and len(spec) == 2
     assert isinstance(spec[0], str) or (isinstance(spec[0], list) and all(isinstance(c, str) for c in spec[0]))
-    if len(spec) == 2:
-        assert isinstance(spec[1], dict)
-        if spec[0] == "INT":
-            assert spec[1]["min"] <= spec[1]["default"] <= spec[1]["max"]
+    assert isinstance(spec[1], dict) and spec[1]["tooltip"]  # every input says what it is, in the UI
+    if spec[0] == "INT":
+        assert spec[1]["min"] <= spec[1]["default"] <= spec[1]["max"]
 
 
 @pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
@@ -128,6 +127,7 @@ def test_node_declarations_are_well_formed(node_id: str) -> None:
         for spec in group.values():
             _check_input_spec(spec)
     assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
+    assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) and all(cls.OUTPUT_TOOLTIPS)
     assert callable(getattr(cls, cls.FUNCTION))
     assert cls.CATEGORY == "image/restoration/ALGNet"
     assert NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("ALGNet ")
@@ -135,7 +135,7 @@ def test_node_declarations_are_well_formed(node_id: str) -> None:
 
 def test_loader_output_is_the_deblur_model_input() -> None:
     assert ALGNetModelLoader.RETURN_TYPES == ("ALGNET_MODEL",)
-    assert ALGNetDeblur.INPUT_TYPES()["required"]["algnet_model"] == ("ALGNET_MODEL",)
+    assert ALGNetDeblur.INPUT_TYPES()["required"]["algnet_model"][0] == "ALGNET_MODEL"
     assert ALGNetDeblur.RETURN_TYPES == ("IMAGE",)
 
 
@@ -177,6 +177,20 @@ def test_deblur_node_runs_grey_images_as_the_core_does(tiny_model: ALGNet) -> No
         expected = deblur(one[..., 0].numpy(), tiny_model, tile=None, overlap=0)
         torch.testing.assert_close(restored[..., 0], torch.from_numpy(expected), atol=1e-5, rtol=0)
     assert (out - image).abs().mean() > 1e-3  # restored, not passed through
+
+
+def test_deblur_node_returns_a_grey_photo_grey(tiny_model: ALGNet, caplog: pytest.LogCaptureFixture) -> None:
+    """LoadImage makes a grey PNG three equal channels: it comes back with three equal channels (the mean of
+    the restored ones), while a colour image of the same batch stays colour."""
+    grey = torch.rand(1, 24, 32, 1).expand(-1, -1, -1, 3)
+    image = torch.cat([grey, torch.rand(1, 24, 32, 3)])
+    with caplog.at_level(logging.INFO, logger="algnet_core.inference"):
+        (out,) = ALGNetDeblur().deblur(image, tiny_model, tile=0, overlap=0)
+    assert torch.equal(out[0, ..., 0], out[0, ..., 1]) and torch.equal(out[0, ..., 1], out[0, ..., 2])
+    (one,) = ALGNetDeblur().deblur(grey[..., :1].contiguous(), tiny_model, tile=0, overlap=0)
+    torch.testing.assert_close(out[0, ..., :1], one[0], atol=1e-6, rtol=0)  # as the one-channel IMAGE
+    assert (out[1, ..., 0] - out[1, ..., 1]).abs().max() > 1e-3
+    assert "algnet: 32x24 image(s)" in caplog.text  # width x height, as ComfyUI states sizes
 
 
 def test_deblur_node_keeps_alpha(tiny_model: ALGNet) -> None:

@@ -73,6 +73,15 @@ def test_deblur_keeps_type_shape_dtype_and_range_without_mutating(kind, active_m
         assert np.abs(out - image).mean() > 1e-3 * np.ptp(image)  # really went through the network
 
 
+def test_grey_stored_as_rgb_comes_back_grey(active_model) -> None:
+    grey = INPUTS["uint8 HxWx3"][..., 0]
+    out = deblur(np.repeat(grey[..., None], 3, axis=-1), active_model, tile=None)
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+    assert np.array_equal(out[..., 0], deblur(grey, active_model, tile=None))
+    colour = deblur(INPUTS["uint8 HxWx3"], active_model, tile=None)
+    assert not np.array_equal(colour[..., 0], colour[..., 1])
+
+
 def test_read_only_and_big_endian_arrays(active_model) -> None:
     image = INPUTS["uint16 HxWx3"]
     frozen = image.astype(">u2")

@@ -155,6 +155,7 @@ class ALGNetModelLoader:
 
     RETURN_TYPES = (MODEL_TYPE,)
     RETURN_NAMES = ("algnet_model",)
+    OUTPUT_TOOLTIPS = ("The model, for ALGNet Deblur.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
@@ -177,11 +178,17 @@ class ALGNetDeblur:
         """The images, the model, the tiling (tile 0: the largest tile that fits in memory) and the ensemble."""
         return {
             "required": {
-                "image": ("IMAGE",),
-                "algnet_model": (MODEL_TYPE,),
+                "image": ("IMAGE", {"tooltip": "The blurry images (any size from 16x16; RGB, RGBA or grey)."}),
+                "algnet_model": (MODEL_TYPE, {"tooltip": "From ALGNet Model Loader."}),
                 "tile": (
                     "INT",
-                    {"default": 0, "min": 0, "max": 8192, "step": 16, "tooltip": "Tile side; 0: automatic."},
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 8192,
+                        "step": 16,
+                        "tooltip": "Tile side, at least 2 x overlap + 16 when the image is larger; 0: automatic.",
+                    },
                 ),
                 "overlap": (
                     "INT",
@@ -198,6 +205,7 @@ class ALGNetDeblur:
         }
 
     RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The deblurred images, the same size as the input.",)
     FUNCTION = "deblur"
     CATEGORY = CATEGORY
 
