@@ -20,6 +20,7 @@ import yaml
 from helpers import active_tiny
 from PIL import Image
 from scipy.signal import fftconvolve
+from skimage.metrics import peak_signal_noise_ratio
 
 from algnet_core import ALGNet, deblur
 from algnet_core.cli import main as cli_main
@@ -203,6 +204,14 @@ def test_blurred_twelve_bit_training_inputs_span_the_range_deblur_gives_them(sta
     # plane's range leaves them after the blur
     assert 0.85 < float(blurred.max()) <= 1.0 and float(blurred.min()) < 0.05
     assert float(sharp.max()) > 2.0  # the sharp spots are brighter than any blurry pixel
+    # validation scores them over the sharp plane's own extent (a data range of 1 would be ~20 dB off)
+    result = tuner.run()
+    pairs = [tuner.val_set[i] for i in range(len(tuner.val_set))]
+    expected = np.mean([
+        peak_signal_noise_ratio(s.numpy(), b.numpy(), data_range=float(s.max()) - min(0.0, float(s.min())))
+        for b, s in pairs
+    ])  # fmt: skip
+    assert result.psnr_blurry == pytest.approx(expected, abs=1e-3)
 
 
 # ----------------------------------------------------------------------------------------- runs

@@ -464,6 +464,10 @@ class FineTuner:
             noise = f"Gaussian noise sigma {r.gaussian_sigma[0]:g}, Poisson variance {r.poisson[0]:g} x signal"
             text += f", blurred on the fly by {blur}; {noise}{', 8-bit quantisation' if r.quantise else ''}."
         text += f" Held back for validation (seed {self.seed}, {n_val} of them): {', '.join(self.val_names)}."
+        text += (
+            " Validation PSNR is over each held-back sharp plane's value range as the model sees it (0..1, or the"
+            " plane's own extent where it is wider), not over the file's dtype range as `algnet eval` measures."
+        )
         return text
 
     def _config(self, work: Path) -> Config:
