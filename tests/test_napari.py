@@ -302,6 +302,21 @@ def test_current_plane_sits_at_that_plane_and_leaves_the_input_in_place(docked, 
     assert tuple(layer.translate) == (0.0, 0.0, 0.0)  # was (6, 0, 0): the output's offset written into it
 
 
+def test_current_plane_beside_a_layer_of_other_units(docked, qtbot, active_dir):
+    """A calibrated image beside an uncalibrated stack: napari drops the viewer's units (None)."""
+    viewer, widget = docked
+    viewer.add_image(np.zeros((32, 32), np.float32), units=("um", "um"))
+    stack = np.random.default_rng(4).random((5, 32, 32), dtype=np.float32)
+    layer = viewer.add_image(stack)
+    assert viewer.dims.units is None
+    viewer.dims.set_current_step(0, 3)
+    widget.image.value = layer
+    widget.blur.value = CUSTOM
+    widget.model.value = str(active_dir)
+    run_widget(qtbot, widget)
+    assert viewer.layers[-1].metadata["algnet"]["planes"] == [3]
+
+
 @pytest.mark.parametrize("kind", ["2d", "rgb", "current_plane", "all_planes", "cancelled", "failed"])
 def test_every_kind_of_run_leaves_the_input_layer_as_it_was(docked, qtbot, monkeypatch, kind):
     viewer, widget = docked

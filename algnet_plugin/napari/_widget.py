@@ -154,11 +154,13 @@ class DeblurWidget(Container):
             return None
         dims = self._viewer.dims
         # The slider's point is in the viewer's units (the finest of its layers'), the layer's transform in the
-        # layer's own: convert as napari does when it slices the layer for display.
+        # layer's own: convert as napari does when it slices the layer for display. Layers whose units do not
+        # agree leave the viewer without units (None), and napari then takes the point as it is.
         units = pint.get_application_registry()
+        world_units = layer.units if dims.units is None else dims.units[-layer.ndim :]
         point = [
             value * units.get_base_units(world)[0] / units.get_base_units(own)[0]
-            for value, world, own in zip(dims.point[-layer.ndim :], dims.units[-layer.ndim :], layer.units, strict=True)
+            for value, world, own in zip(dims.point[-layer.ndim :], world_units, layer.units, strict=True)
         ]
         coords = layer.world_to_data(point)[: len(lead)]
         return tuple(int(np.clip(np.round(c), 0, s - 1)) for c, s in zip(coords, lead, strict=True))
