@@ -207,6 +207,9 @@ def test_output_layer_is_deblur_of_each_input_plane(docked, qtbot, active_dir, c
     np.testing.assert_array_equal(out.scale, layer.scale)
     np.testing.assert_array_equal(out.translate, layer.translate)
     assert out.rgb == layer.rgb and out.contrast_limits == layer.contrast_limits
+    if not out.rgb:  # the slider reaches every restored value, also those beyond the copied limits
+        low, high = out.contrast_limits_range
+        assert low <= out.data.min() and out.data.max() <= high
     assert out.metadata["algnet"]["tile"] == "auto" and out.metadata["algnet"]["overlap"] == 32
     assert out.metadata["algnet"]["normalize"] == "auto"
     assert layer.data.tobytes() == before.tobytes()

@@ -259,6 +259,9 @@ class DeblurWidget(Container):
     def _on_returned(self, result: LayerDataTuple) -> None:
         data, kwargs, _ = result
         new = Layer.create(data, kwargs, "image")
+        if not new.rgb:  # the input's display, with a slider that reaches restored peaks beyond its limits
+            low, high = new.contrast_limits_range
+            new.contrast_limits_range = (min(low, float(np.min(data))), max(high, float(np.max(data))))
         layers = self._viewer.layers
         name = kwargs["name"]
         image = self._image.value  # adding the output makes it the active layer; the field stays
