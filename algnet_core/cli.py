@@ -205,17 +205,22 @@ def cmd_deblur(args: argparse.Namespace) -> int:
     else:
         targets = plan_outputs(inputs, out_dir, args.overwrite)
     model = _load(args)
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = []
-    with tqdm(total=len(inputs), unit="image", desc="images") as images, tqdm(desc="network", leave=False) as bar:
-        for source, target in zip(inputs, targets, strict=True):
-            try:
-                stack = read_image(source)
-                write_image(target, stack.with_pages(_deblur_stack(stack, model, args, bar)), args.overwrite)
-            except FILE_ERRORS as err:
-                tqdm.write(f"algnet deblur: error: {_file_error(source, err)}", file=sys.stderr)
-                failures.append(source.name)
-            images.update()
+    try:
+        with tqdm(total=len(inputs), unit="image", desc="images") as images, tqdm(desc="network", leave=False) as bar:
+            for source, target in zip(inputs, targets, strict=True):
+                try:
+                    stack = read_image(source)
+                    write_image(target, stack.with_pages(_deblur_stack(stack, model, args, bar)), args.overwrite)
+                except FILE_ERRORS as err:
+                    tqdm.write(f"algnet deblur: error: {_file_error(source, err)}", file=sys.stderr)
+                    failures.append(source.name)
+                images.update()
+    finally:
+        if made and not any(out_dir.iterdir()):  # stopped or failed before any file: no empty folder left behind
+            out_dir.rmdir()
     if sample_only and targets[0].name != SAMPLE_IMAGE.name and not failures:
         print(f"{out_dir / SAMPLE_IMAGE.name} exists (kept); wrote {targets[0]}", file=sys.stderr)
     print(f"wrote {len(targets) - len(failures)} file(s) to {out_dir}", file=sys.stderr)
@@ -508,7 +513,8 @@ def _terminate(signum: int, _frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``algnet`` console script; returns the exit status.
 
-    SIGTERM (in the main thread) exits with status 143 through the normal clean-up, leaving no partial file.
+    SIGTERM (in the main thread) exits with status 143, Ctrl-C (SIGINT) with 130, through the normal clean-up,
+    leaving no partial file (nor an output folder it made and wrote nothing to).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -522,6 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, TypeError, ValueError, RuntimeError) as err:  # WeightsError is a RuntimeError
         print(f"algnet {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the same clean-up as SIGTERM, a line instead of a traceback
+        print(f"algnet {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if previous is not None:  # None: a handler not set from Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)

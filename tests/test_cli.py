@@ -353,18 +353,19 @@ def test_jpeg_orientation_and_exif_are_kept(tiny_dir, tmp_path) -> None:
         assert after.size == (48, 32)  # pixels as stored: with the tag, the output displays like the input
 
 
-def test_sigterm_during_a_write_leaves_no_partial_file(identity_dir, tmp_path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_write_leaves_no_partial_file(identity_dir, tmp_path, signum) -> None:
     _write_inputs(tmp_path / "in")
     script = textwrap.dedent(
-        """
+        f"""
         import os, signal, sys, time
         from algnet_core import cli, imageio
 
         def write_then_terminate(file, image, keep):
             file.write(b"half a PNG")
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), {int(signum)})
             time.sleep(60)  # a handler that raises interrupts the sleep
-            raise AssertionError("SIGTERM did not stop the write")
+            raise AssertionError("the signal did not stop the write")
 
         imageio._write_png = write_then_terminate
         sys.exit(cli.main(sys.argv[1:]))
@@ -374,8 +375,11 @@ def test_sigterm_during_a_write_leaves_no_partial_file(identity_dir, tmp_path) -
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-c", script, "deblur", *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 128 + signal.SIGTERM, done.stderr
-    assert os.listdir(tmp_path / "out") == []  # neither the output nor its .part temporary
+    assert done.returncode == 128 + signum, done.stderr
+    assert not (tmp_path / "out").exists()  # neither the output nor its .part temporary, nor the folder made
+    assert "Traceback" not in done.stderr
+    if signum == signal.SIGINT:
+        assert "algnet deblur: interrupted" in done.stderr
 
 
 def test_convert_refuses_an_existing_config(tmp_path, capsys) -> None:
