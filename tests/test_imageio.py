@@ -11,7 +11,10 @@ import numpy as np
 import png
 import pytest
 import tifffile
+from helpers import require_shared
 from PIL import Image, ImageOps, JpegImagePlugin
+from skimage.io import imread
+from skimage.metrics import peak_signal_noise_ratio
 
 from algnet_core.imageio import Stack, read_image, write_image
 
@@ -110,6 +113,17 @@ def test_jpeg_keeps_exif_orientation_icc_and_subsampling(tmp_path) -> None:
         assert after.info["icc_profile"] == icc
         assert JpegImagePlugin.get_sampling(after) == 0  # 4:4:4 as the input, not Pillow's default 4:2:0
         assert ImageOps.exif_transpose(after).size == ImageOps.exif_transpose(before).size == (32, 40)
+
+
+@pytest.mark.parametrize("quality", [50, 92])
+def test_jpeg_is_written_at_the_quality_it_was_read(tmp_path, quality) -> None:
+    photo = imread(require_shared() / "data/natural/kodak24/kodim01.png")[:96, :128]
+    Image.fromarray(photo).save(tmp_path / "in.jpg", quality=quality)
+    _round_trip(tmp_path / "in.jpg", tmp_path / "out.jpg")
+    with Image.open(tmp_path / "in.jpg") as before, Image.open(tmp_path / "out.jpg") as after:
+        assert after.quantization == before.quantization  # not quality 95's tables
+        decoded = np.asarray(before)
+        assert peak_signal_noise_ratio(decoded, np.asarray(after)) > 45  # the same tables re-encode nearly losslessly
 
 
 def _png_with(path: Path, image: np.ndarray, extra: list[tuple[bytes, bytes]], **writer: object) -> None:
