@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import publish
 from .distributed import is_zarr
 from .hub import REGISTRY, bundled_files, convert_checkpoint, load_model
-from .imageio import IMAGE_SUFFIXES, SAMPLE_IMAGE, Stack, read_image, write_image
+from .imageio import IMAGE_SUFFIXES, SAMPLE_IMAGE, Stack, read_image, significant_bits, write_image
 from .inference import (
     DEFAULT_OVERLAP,
     DEFAULT_PERCENTILES,
@@ -135,8 +135,10 @@ def _deblur_stack(stack: Stack, model: ALGNet, args: argparse.Namespace, bar: tq
         bar.n = done
         bar.refresh()
 
+    bits = significant_bits(stack)
+
     def run(image: np.ndarray) -> np.ndarray:
-        return deblur(
+        restored = deblur(
             image,
             model,
             args.tile,
@@ -146,7 +148,8 @@ def _deblur_stack(stack: Stack, model: ALGNet, args: argparse.Namespace, bar: tq
             normalize=args.normalize,
             percentiles=args.percentiles or DEFAULT_PERCENTILES,
             ensemble=args.ensemble,
-        )
+        )  # clipped to the dtype's range; a file that declares fewer bits keeps to them (what its readers assume)
+        return restored if bits is None else np.minimum(restored, (1 << bits) - 1)
 
     def page(image: np.ndarray) -> np.ndarray:
         colour = image[..., :-1] if stack.alpha else image

@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Mapping
@@ -243,6 +244,15 @@ def read_image(path: str | Path) -> Stack:
     page_shape = data.shape[data.ndim - 2 - channels_last :]
     pages = data.reshape(math.prod(data.shape[: data.ndim - len(page_shape)]), *page_shape)
     return Stack(pages=pages, shape=data.shape, rgb=rgb, alpha=alpha, format=kind, metadata=keep)
+
+
+def significant_bits(stack: Stack) -> int | None:
+    """The bits per sample that an OME-TIFF declares its integer data use (``SignificantBits``, e.g. 12 for a
+    12-bit camera's uint16 file), when fewer than the dtype's; else None. (A PNG's sBIT is another matter:
+    12-bit data in a 16-bit PNG are stored shifted to the top bits, so the whole 16-bit range is theirs.)"""
+    found = re.search(r'SignificantBits="(\d+)"', stack.metadata.get("description") or "")
+    bits = int(found.group(1)) if found else None
+    return bits if bits is not None and stack.pages.dtype.kind == "u" and bits < 8 * stack.pages.itemsize else None
 
 
 def _write_jpeg(file, page: np.ndarray, keep: Mapping[str, Any]) -> None:

@@ -353,6 +353,20 @@ def test_jpeg_orientation_and_exif_are_kept(tiny_dir, tmp_path) -> None:
         assert after.size == (48, 32)  # pixels as stored: with the tag, the output displays like the input
 
 
+def test_an_ome_tiff_of_12_significant_bits_stays_within_them(active_dir, tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    data = rng.integers(2000, 4096, (48, 64)).astype(np.uint16)
+    data[10:30, 20:40] = 4095  # saturated by the camera
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "cells.ome.tif", data, ome=True, metadata={"SignificantBits": 12})
+    assert deblur(data, model=str(active_dir), tile=None).max() > 4095  # what the uint16 range alone would allow
+    assert main(["deblur", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(active_dir)]) == 0
+    with tifffile.TiffFile(tmp_path / "out" / "cells.ome.tif") as tif:
+        out = tif.asarray()
+        assert 'SignificantBits="12"' in tif.pages[0].description
+    assert out.dtype == np.uint16 and out.max() <= 4095 and not np.array_equal(out, data)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_a_write_leaves_no_partial_file(identity_dir, tmp_path, signum) -> None:
     _write_inputs(tmp_path / "in")
