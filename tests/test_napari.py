@@ -539,6 +539,14 @@ def test_errors_are_notifications_without_traceback(docked, qtbot, active_dir):
     assert not [w for w in dialogs if w.isVisible()]
 
 
+def test_a_channel_axis_read_as_pixels_is_named_in_the_error():
+    two_channels = Image(np.zeros((64, 64, 2), np.uint16), name="cells")  # added without channel_axis
+    with pytest.raises(ValueError, match=r"'cells' is 64x2 pixels; .* add the image with channel_axis=-1"):
+        deblur_layer(two_channels, active_tiny())
+    with pytest.raises(ValueError, match=r"'strip' is 64x12 pixels; ALGNet needs at least 16x16$"):
+        deblur_layer(Image(np.zeros((64, 12), np.uint16), name="strip"), active_tiny())
+
+
 def test_deblur_layer_without_viewer_one_plane_dask_and_multiscale():
     model = active_tiny()
     stack = np.random.default_rng(2).random((2, 3, 32, 32), dtype=np.float32)

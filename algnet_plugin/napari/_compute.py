@@ -41,6 +41,10 @@ def leading_shape(layer: Image) -> tuple[int, ...]:
     return tuple(int(s) for s in data.shape[: data.ndim - (3 if layer.rgb else 2)])
 
 
+MAX_CHANNELS_HINT = 8
+"""An image side this small is more likely a channel axis than pixels: the error then says how to split it."""
+
+
 def deblur_layer(
     layer: Layer,
     model: str | ALGNet = "motion",
@@ -70,7 +74,14 @@ def deblur_layer(
     lead = leading_shape(layer)
     height, width = data.shape[len(lead) : len(lead) + 2]
     if min(height, width) < MULTIPLE:
-        raise ValueError(f"{layer.name!r} is {height}x{width} pixels; ALGNet needs at least {MULTIPLE}x{MULTIPLE}")
+        hint = (
+            f"; if its last axis ({width}) holds channels, add the image with channel_axis=-1 (a layer per channel)"
+            if width <= MAX_CHANNELS_HINT and not layer.rgb
+            else ""
+        )
+        raise ValueError(
+            f"{layer.name!r} is {height}x{width} pixels; ALGNet needs at least {MULTIPLE}x{MULTIPLE}{hint}"
+        )
     if plane is not None and (len(plane) != len(lead) or not all(0 <= i < n for i, n in zip(plane, lead, strict=True))):
         raise ValueError(f"plane {plane} is not an index into the leading axes {lead} of {layer.name!r}")
 
