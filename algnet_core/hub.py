@@ -268,6 +268,8 @@ def loads_offline(name: str) -> bool:
     return True
 
 
+_warned_bundled: set[str] = set()
+"""Registered names whose fall-back to bundled weights this process has warned about."""
 HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download")
 """The keyword arguments of :func:`from_pretrained` that go to ``hf_hub_download``."""
 
@@ -304,8 +306,10 @@ def from_pretrained(
     metadata = _metadata(weights) if provenance["source"] == "bundled" else {}
     provenance["description"] = metadata.get(DESCRIPTION_KEY, "")
     model.provenance = provenance
-    if provenance["source"] == "bundled":
-        log.warning("algnet: Hub copy not available, using bundled weights %s", _describe(provenance))
+    if provenance["source"] == "bundled":  # a warning the first time per name, then a note (ComfyUI loads often)
+        level = logging.INFO if provenance["model_id"] in _warned_bundled else logging.WARNING
+        _warned_bundled.add(provenance["model_id"])
+        log.log(level, "algnet: Hub copy not available, using bundled weights %s", _describe(provenance))
     else:
         log.info("algnet: using weights %s", _describe(provenance))
     return model.to(map_location)

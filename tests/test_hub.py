@@ -46,6 +46,7 @@ def hub_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in hub.PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setattr(hub, "_warned_bundled", set())  # no fall-back warned about yet
     return tmp_path / "hf-cache"
 
 
@@ -162,6 +163,9 @@ def test_motion_offline_falls_back_to_the_bundled_weights(hub_env, monkeypatch, 
     assert "motion" in model.provenance["description"]
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "Hub copy not available, using bundled weights" in caplog.records[0].getMessage()
+    with caplog.at_level(logging.INFO, logger="algnet_core.hub"):
+        load_model("motion", "cpu")  # again, as a ComfyUI loader node runs for each workflow: a note, not a warning
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
 
 
 def test_a_revision_asked_for_is_that_revision_or_an_error(hub_env, monkeypatch) -> None:
