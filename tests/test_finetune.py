@@ -202,7 +202,7 @@ def test_blurred_twelve_bit_training_inputs_span_the_range_deblur_gives_them(sta
     blurred, sharp = tuner.val_set[0]  # a fixed blur of a held-back plane, as the training draws them
     # deblur maps a blurry 12-bit image by its own min..max: its spots reach 1, not the third of 1 that the sharp
     # plane's range leaves them after the blur
-    assert 0.85 < float(blurred.max()) <= 1.0 and float(blurred.min()) < 0.05
+    assert 0.85 < float(blurred.max()) < 1.1 and float(blurred.min()) < 0.05
     assert float(sharp.max()) > 2.0  # the sharp spots are brighter than any blurry pixel
     # validation scores them over the sharp plane's own extent (a data range of 1 would be ~20 dB off)
     result = tuner.run()
@@ -212,6 +212,11 @@ def test_blurred_twelve_bit_training_inputs_span_the_range_deblur_gives_them(sta
         for b, s in pairs
     ])  # fmt: skip
     assert result.psnr_blurry == pytest.approx(expected, abs=1e-3)
+    # Random blurs (a defocus range) dim the spots more or less than the range was estimated for: a lighter one
+    # reaches past 1, and the training input is never cut flat there (deblur never sees a clipped image)
+    varied = FineTuner(tmp_path / "v", images, defocus_radius=(1, 6), steps=1, model=start_model, **FAST)
+    peaks = [float(varied.train_set[(0, i)][0].max()) for i in range(len(varied.train_set))]
+    assert max(peaks) > 1.05 and not any(p == 1.0 for p in peaks)
 
 
 # ----------------------------------------------------------------------------------------- runs

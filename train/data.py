@@ -235,8 +235,9 @@ class BlurRecipe:
     blurred at all (identity kernel) and a share ``mild_prob`` is barely blurred (``MILD_MOTION_LENGTH`` px
     of shake, or a defocus of ``MILD_DEFOCUS_RADIUS`` px); both get the same noise and JPEG as the rest.
     Noise is Poisson-Gaussian, ``x + sqrt(a x + b^2) n`` with a in ``poisson`` and b in ``gaussian_sigma``;
-    then the result is clipped, JPEG-compressed with probability ``jpeg_prob`` (quality in
-    ``jpeg_quality``), and otherwise quantised to 8 bits when ``quantise``.
+    then the result is clipped (to 0..1 for 8-bit results, JPEG or ``quantise``, else only below 0),
+    JPEG-compressed with probability ``jpeg_prob`` (quality in ``jpeg_quality``), and otherwise quantised to
+    8 bits when ``quantise``.
     """
 
     kind: str = "motion"
@@ -297,7 +298,11 @@ class BlurRecipe:
         """Noise, clipping, and JPEG or 8-bit quantisation of a blurred (h, w, 3) float image."""
         a, b = rng.uniform(*self.poisson), rng.uniform(*self.gaussian_sigma)
         noise = rng.standard_normal(blurred.shape).astype(np.float32)
-        out = np.clip(blurred + np.sqrt(a * np.clip(blurred, 0, None) + b * b) * noise, 0.0, 1.0)
+        # 8-bit results are clipped to 0..1; 16-bit and float ones only below 0: a 12-bit plane mapped by its
+        # blurred range reaches past 1 under a lighter blur, and deblur never sees such an image clipped
+        out = np.clip(blurred + np.sqrt(a * np.clip(blurred, 0, None) + b * b) * noise, 0.0, None)
+        eight_bit = self.quantise or self.jpeg_prob > 0
+        out = np.minimum(out, 1.0) if eight_bit else out
         if rng.uniform() < self.jpeg_prob:
             quality = int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1))
             buf = io.BytesIO()
