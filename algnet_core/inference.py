@@ -35,8 +35,9 @@ graph as that name and is loaded once per worker process (and cached), on the wo
 
 Channels (last axis): HxW and HxWx1 run through the RGB network as grey RGB and come back as the channel
 mean; HxWx3 is RGB; HxWx4 is RGB plus an alpha channel returned untouched; any other channel count is
-deblurred channel by channel, each as grey RGB. The input is never modified (a big-endian array comes
-back in native byte order).
+deblurred channel by channel, each as grey RGB; an RGB image whose channels are all equal comes back grey
+(a dask array's chunks are restored as they are, so that no chunk decides on its own). The input is never
+modified (a big-endian array comes back in native byte order).
 
 Each tile is padded by reflection to a multiple of 16 (as spandrel does), so image sides that are not
 multiples of 16 leave no seam. ``ensemble=True`` averages the restorations of the 8 flips and transposes of
@@ -336,14 +337,16 @@ def deblur_tensor(
     device: str | torch.device = "auto",
     precision: str = "auto",
     ensemble: bool = False,
+    grey: bool = True,
 ) -> Tensor:
     """The tiled engine: a (B, C, H, W) float batch in 0..1 -> its restoration, same shape/dtype/device.
 
-    An image whose channels are all equal (grey stored as RGB) comes back grey: each channel the mean of the
-    restored ones. ``tile=None`` runs whole images; ``tile="auto"`` uses :func:`choose_tile`. ``progress(done, total)``
-    counts ALGBlocks run (over all tiles, images and ensemble passes); ``cancel()`` is checked after each.
-    On CUDA out-of-memory the tile is halved (one tile per batch from then on) and the image restarted;
-    ``progress`` then counts afresh.
+    With ``grey`` (the default), an image whose channels are all equal (grey stored as RGB) comes back grey:
+    each channel the mean of the restored ones (``False`` for a chunk of a larger image, where it would decide
+    chunk by chunk). ``tile=None`` runs whole images; ``tile="auto"`` uses :func:`choose_tile`.
+    ``progress(done, total)`` counts ALGBlocks run (over all tiles, images and ensemble passes); ``cancel()`` is
+    checked after each. On CUDA out-of-memory the tile is halved (one tile per batch from then on) and the image
+    restarted; ``progress`` then counts afresh.
     """
     _check_tiling(tile, overlap)
     net = _resolve_model(model, device)
@@ -377,7 +380,8 @@ def deblur_tensor(
                 forwards = len(images) * math.ceil(_count_tiles(h, w, size, overlap) / per_batch)
                 total = forwards * blocks * (ENSEMBLE_SIZE if ensemble else 1)
                 out = [_tiled_one(net, img, size, overlap, per_batch, amp, ensemble, cancel) for img in images]
-            return torch.stack([_grey_if(img, res) for img, res in zip(images, out, strict=True)]).to(batch.dtype)
+            out = [_grey_if(img, res) for img, res in zip(images, out, strict=True)] if grey else out
+            return torch.stack(out).to(batch.dtype)
         except torch.OutOfMemoryError:
             if size // 2 < 2 * overlap + MULTIPLE:
                 raise
@@ -475,6 +479,7 @@ def _deblur_array(
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     ensemble: bool = False,
     mapping: Mapping | None = None,
+    grey: bool = True,
 ) -> np.ndarray | Tensor:
     dtype = _numpy_dtype(image)
     _check_dtype(dtype)
@@ -494,8 +499,13 @@ def _deblur_array(
     scale = (hi - lo) or 1.0
     norm = ((color.double() - lo) / scale).float().permute(2, 0, 1)  # (c, h, w), mapped in float64
     batch = norm[None] if channels in (3, 4) else norm[:, None].expand(-1, 3, -1, -1)
-    restored = deblur_tensor(batch, net, tile, overlap, progress, cancel, precision=precision, ensemble=ensemble)
-    bound = torch.finfo(restored.dtype).max  # each channel clipped before a mean, to the clip range normalised
+    restored = deblur_tensor(
+        batch, net, tile, overlap, progress, cancel, precision=precision, ensemble=ensemble, grey=grey
+    )
+    if isinstance(image, Tensor) and image.dtype == torch.bfloat16:  # mapped as float32, stored as bfloat16
+        largest = float(torch.finfo(torch.bfloat16).max)
+        clip_lo, clip_hi = max(clip_lo, -largest), min(clip_hi, largest)
+    bound = torch.finfo(restored.dtype).max  # each channel clipped to the clip range normalised, before a mean
     restored = restored.clamp_(max((clip_lo - lo) / scale, -bound), min((clip_hi - lo) / scale, bound))
     result = restored[0] if channels in (3, 4) else restored.mean(dim=1)  # (c, h, w)
     result = result.permute(1, 2, 0).double() * scale + lo
@@ -559,11 +569,11 @@ def _deblur_block(
     lock: a worker's threads start chunks at once, and would each load it)."""
     with _load_lock:
         net = model if isinstance(model, ALGNet) else _resolve_model(model, device)
-    if pages == 0:
-        return _deblur_array(block, net, progress=None, mapping=mapping, **options)
+    if pages == 0:  # grey=False: a chunk that happens to be grey stays as restored, like its neighbours
+        return _deblur_array(block, net, progress=None, mapping=mapping, grey=False, **options)
     out = np.empty(block.shape, np.dtype(block.dtype).newbyteorder("="))
     for index in np.ndindex(block.shape[:pages]):
-        out[index] = _deblur_array(block[index], net, progress=None, mapping=mapping, **options)
+        out[index] = _deblur_array(block[index], net, progress=None, mapping=mapping, grey=False, **options)
     return out
 
 

@@ -101,6 +101,23 @@ def test_huge_finite_values_are_not_reported_as_nan(active: ALGNet) -> None:
     image = np.linspace(-3e38, 3e38, 32 * 32, dtype=np.float32).reshape(32, 32)
     out = deblur(image, model=active)
     assert np.isfinite(out).all() and out.dtype == np.float32
+    near_max = torch.from_numpy(image / 3e38 * 3.3e38).to(torch.bfloat16)  # bfloat16's largest is 3.39e38
+    out = deblur(near_max, model=active)
+    assert bool(torch.isfinite(out).all()) and out.dtype == torch.bfloat16  # float32's clip rounded up to Inf
+
+
+def test_a_grey_region_of_a_dask_colour_image_is_restored_like_its_neighbours(active: ALGNet) -> None:
+    """Only a whole image is made grey when its channels are equal: a dask chunk that happens to lie in a grey
+    region (a letterbox bar, a black-and-white part of a scan) is not, or chunks would disagree."""
+    import dask.array as da
+
+    image = np.random.default_rng(7).uniform(size=(64, 192, 3)).astype(np.float32)
+    image[:, 32:160] = image[:, 32:160, :1]  # a grey band holding the middle chunk and its margins
+    out = deblur(da.from_array(image, chunks=(64, 64, 3)), model=active, tile=None, overlap=8).compute()
+    band = out[:, 72:120]
+    assert not np.array_equal(band[..., 0], band[..., 1])  # as the network gives it, like the colour chunks
+    grey = deblur(np.ascontiguousarray(image[:, 32:160]), model=active, tile=None)
+    assert np.array_equal(grey[..., 0], grey[..., 1])  # the same band as a whole image of its own: grey
 
 
 def test_no_seam_on_sides_that_are_not_multiples_of_16() -> None:
