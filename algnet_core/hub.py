@@ -35,6 +35,7 @@ import torch
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
@@ -175,13 +176,17 @@ def hub_reachable() -> bool:
 
 
 def _hub_answers(repo_id: str, revision: str | None, token: str | bool | None) -> bool:
-    """Whether the Hub answers a request about ``repo_id`` now. When it does not (a dead proxy, a timeout, a
-    5xx), ``hf_hub_download`` quietly serves its cache, so this decides between "hub" and "cache"."""
+    """Whether the Hub answers a request about ``repo_id`` now, within the client's own timeout. When it does
+    not (a dead proxy, a timeout, a 5xx), ``hf_hub_download`` quietly serves its cache, so this decides between
+    "hub" and "cache"; any other answer, an error included (404, 401), lets the download say what it is."""
     try:
         url = hf_hub_url(repo_id, CONFIG_NAME, revision=revision, endpoint=hub_endpoint())
-        get_hf_file_metadata(url, token=token, timeout=HUB_PROBE_TIMEOUT_S)
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, HFValidationError):
-        return True  # an answer: the download says what is missing
+        get_hf_file_metadata(url, token=token, timeout=constants.DEFAULT_ETAG_TIMEOUT)
+    except HFValidationError:
+        return True
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        return status is not None and status < 500
     except Exception as err:  # noqa: BLE001 (whatever stops an answer makes the client fall back to its cache)
         log.debug("%s: the Hub did not answer (%s)", repo_id, err)
         return False
@@ -213,6 +218,9 @@ def _download(repo_id: str, revision: str | None, local_only: bool, **hub_kwargs
             raise WeightsError(f"{repo_id}/{filename} is not in the Hugging Face cache and {where}") from err
         except EntryNotFoundError as err:
             raise WeightsError(f"the Hub repository {repo_id!r} has no file {filename}") from err
+        except HfHubHTTPError as err:  # another answer: 401 (private or gated, no token), 5xx with no cached copy
+            message = f"{repo_id}/{filename} is not in the Hugging Face cache and the Hub refused it: {err}"
+            raise WeightsError(message) from err
         paths.append(Path(path))
     return paths[0], paths[1]
 

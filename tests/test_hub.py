@@ -54,8 +54,8 @@ class FakeHub(BaseHTTPRequestHandler):
     """Serves ``/{repo_id}/resolve/{revision}/{file}`` from ``self.server.repos`` like the Hub does."""
 
     def _file(self) -> bytes | None:
-        if getattr(self.server, "down", False):  # a Hub that answers nothing but errors
-            self.send_response(503)
+        if getattr(self.server, "down", None):  # a Hub that answers nothing but this HTTP error
+            self.send_response(self.server.down)
             self.end_headers()
             return None
         parts = self.path.lstrip("/").split("/")
@@ -135,11 +135,17 @@ def test_hub_download_then_cache_when_offline(active_model, fake_hub, hub_env, i
 
 def test_a_hub_that_does_not_answer_is_reported_as_the_cache(active_model, fake_hub, image) -> None:
     ALGNet.from_pretrained("test/tiny")  # fills the cache
-    fake_hub.down = True  # reachable, but 503 for every request: huggingface_hub serves its cache instead
+    fake_hub.down = 503  # reachable, but 503 for every request: huggingface_hub serves its cache instead
     cached = ALGNet.from_pretrained("test/tiny")
     assert cached.provenance["source"] == "cache"  # not "hub": nothing came from it
     with torch.inference_mode():
         assert torch.equal(cached(image), active_model(image))
+
+
+def test_a_hub_that_refuses_is_not_reported_as_unreachable(fake_hub) -> None:
+    fake_hub.down = 401  # an answer (e.g. a private repo without a token): not "the Hub cannot be reached"
+    with pytest.raises(WeightsError, match="test/tiny/config.json is not in the Hugging Face cache and the Hub refus"):
+        ALGNet.from_pretrained("test/tiny")
 
 
 def test_registered_name_checks_its_preset_and_falls_back_to_bundled(fake_hub, monkeypatch, caplog) -> None:
