@@ -208,7 +208,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
     else:
         targets = plan_outputs(inputs, out_dir, args.overwrite)
     model = _load(args)
-    made = not out_dir.exists()
+    made = [d for d in (out_dir, *out_dir.absolute().parents) if not d.exists()]  # deepest first
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = []
     try:
@@ -222,8 +222,10 @@ def cmd_deblur(args: argparse.Namespace) -> int:
                     failures.append(source.name)
                 images.update()
     finally:
-        if made and not any(out_dir.iterdir()):  # stopped or failed before any file: no empty folder left behind
-            out_dir.rmdir()
+        for folder in made:  # stopped or failed before any file: no empty folder it made is left behind
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
     if sample_only and targets[0].name != SAMPLE_IMAGE.name and not failures:
         print(f"{out_dir / SAMPLE_IMAGE.name} exists (kept); wrote {targets[0]}", file=sys.stderr)
     print(f"wrote {len(targets) - len(failures)} file(s) to {out_dir}", file=sys.stderr)

@@ -385,12 +385,12 @@ def test_a_signal_during_a_write_leaves_no_partial_file(identity_dir, tmp_path, 
         sys.exit(cli.main(sys.argv[1:]))
         """
     )
-    args = [str(tmp_path / "in" / "grey8.png"), "-o", str(tmp_path / "out"), "--model", str(identity_dir)]
+    args = [str(tmp_path / "in" / "grey8.png"), "-o", str(tmp_path / "out" / "a"), "--model", str(identity_dir)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-c", script, "deblur", *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 128 + signum, done.stderr
-    assert not (tmp_path / "out").exists()  # neither the output nor its .part temporary, nor the folder made
+    assert not (tmp_path / "out").exists()  # neither the output nor its .part temporary, nor the folders made
     assert "Traceback" not in done.stderr
     if signum == signal.SIGINT:
         assert "algnet deblur: interrupted" in done.stderr
