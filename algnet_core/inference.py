@@ -499,6 +499,7 @@ def _deblur_array(
     scale = (hi - lo) or 1.0
     norm = ((color.double() - lo) / scale).float().permute(2, 0, 1)  # (c, h, w), mapped in float64
     batch = norm[None] if channels in (3, 4) else norm[:, None].expand(-1, 3, -1, -1)
+    grey = grey or channels not in (3, 4)  # planes run as grey RGB are grey whatever the chunk
     restored = deblur_tensor(
         batch, net, tile, overlap, progress, cancel, precision=precision, ensemble=ensemble, grey=grey
     )
